@@ -1,0 +1,143 @@
+"""Where text and evaluation data come from: the hub, or a local Parquet mirror.
+
+Real users read from the Hugging Face hub. Air-gapped machines (and our CI)
+point ``--data-dir`` or ``$RAY_PRUNE_DATA_DIR`` at a folder laid out as
+``<dataset>/<split>.parquet``; every dataset name below then maps to a file.
+
+C4 serves three roles that must never share a document: calibration (the
+distance profile), healing (training) and validation (the loss we report).
+Each document goes to exactly one role by a hash of its text, so the split is
+disjoint by construction, stable across runs and machines, and independent of
+the order or the number of documents read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+from ray_prune.errors import UserError
+
+DATA_DIR_ENV = "RAY_PRUNE_DATA_DIR"
+
+Role = Literal["calibration", "heal", "validation"]
+ROLES: tuple[Role, ...] = ("calibration", "heal", "validation")
+# Percent of hash buckets per role: [0, 10) validation, [10, 30) calibration, [30, 100) heal.
+_ROLE_BUCKETS: dict[str, range] = {
+    "validation": range(0, 10),
+    "calibration": range(10, 30),
+    "heal": range(30, 100),
+}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A text corpus: its hub coordinates and its local mirror's file."""
+
+    hub_path: str
+    hub_name: str | None
+    hub_split: str
+    local_file: str  # relative to the data dir
+    text_field: str = "text"
+
+
+TEXT_SOURCES: dict[str, TextSource] = {
+    "c4": TextSource("allenai/c4", "en", "train", "c4/train_sample.parquet"),
+    "wikitext2": TextSource("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "wikitext2_raw/test.parquet"),
+}
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The local data mirror, from the argument or the environment, or None for the hub."""
+    value = explicit if explicit is not None else os.environ.get(DATA_DIR_ENV) or None
+    if value is None:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(
+            f"data dir {path} does not exist",
+            f"pass --data-dir (or set ${DATA_DIR_ENV}) to a folder holding <dataset>/<split>.parquet files",
+        )
+    return path
+
+
+def local_file(root: Path, relative: str) -> Path:
+    """A file of the local mirror, or a clear error naming it."""
+    path = root / relative
+    if not path.is_file():
+        raise UserError(
+            f"data file {path} is missing",
+            f"the data dir must hold {relative}; check --data-dir / ${DATA_DIR_ENV}",
+        )
+    return path
+
+
+def role_of(text: str) -> Role:
+    """Assign a document to exactly one role by a stable hash of its text."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % 100
+    for role, buckets in _ROLE_BUCKETS.items():
+        if bucket in buckets:
+            return role  # type: ignore[return-value]
+    raise AssertionError(bucket)
+
+
+def _iter_texts(source: TextSource, root: Path | None) -> Iterator[str]:
+    if root is not None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(local_file(root, source.local_file), columns=[source.text_field])
+        yield from table.column(source.text_field).to_pylist()
+        return
+    import datasets
+
+    stream = datasets.load_dataset(source.hub_path, source.hub_name, split=source.hub_split, streaming=True)
+    for row in stream:
+        yield row[source.text_field]
+
+
+def load_texts(
+    role: Role,
+    n: int | None = None,
+    dataset: str = "c4",
+    data_dir_path: str | os.PathLike | None = None,
+) -> list[str]:
+    """The first ``n`` usable documents of ``dataset`` that belong to ``role``.
+
+    Empty and whitespace-only documents are skipped. Asking for more documents
+    than the source holds is an error, not a silent shortfall.
+    """
+    if dataset not in TEXT_SOURCES:
+        raise UserError(f"unknown text dataset {dataset!r}", f"use one of {', '.join(TEXT_SOURCES)}")
+    if role not in ROLES:
+        raise UserError(f"unknown data role {role!r}", f"use one of {', '.join(ROLES)}")
+    if n is not None and n < 1:
+        raise UserError(f"asked for {n} documents", "ask for at least 1")
+    root = data_dir(data_dir_path)
+    out: list[str] = []
+    for text in _iter_texts(TEXT_SOURCES[dataset], root):
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if role_of(text) == role:
+            out.append(text)
+            if n is not None and len(out) >= n:
+                break
+    if not out or (n is not None and len(out) < n):
+        where = root if root is not None else TEXT_SOURCES[dataset].hub_path
+        raise UserError(
+            f"{dataset} ({where}) holds {len(out)} usable {role} documents, {n} were asked for",
+            "ask for fewer samples or use a larger corpus",
+        )
+    return out
+
+
+def texts_hash(texts: Iterable[str], *extra: object) -> str:
+    """Content hash of a text set plus the settings that shaped it (for provenance)."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode("utf-8")).digest())
+    for e in extra:
+        h.update(repr(e).encode("utf-8"))
+    return h.hexdigest()[:16]
