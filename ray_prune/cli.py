@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     _common(p)
 
+    p = sub.add_parser("sweep", help="run an experiment YAML on Ray (local, or RAY_ADDRESS)")
+    p.add_argument("experiment", help="experiments/*.yaml")
+    p.add_argument("--storage", help="results root (local path, s3://, gs://); overrides the file's storage")
+    p.add_argument("--rerun", action="store_true", help="recompute every cell, even finished ones")
+    p.add_argument("--check", action="store_true", help="validate the experiment and print the plan; run nothing")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("status", help="summary of a sweep's results, without Ray")
+    p.add_argument("storage", help="the sweep's storage root")
+
     p = sub.add_parser("demo", help="profile -> prune -> heal -> eval on the bundled SmolLM2-135M")
     p.add_argument("--out", default="results/demo")
     p.add_argument("--model", default="smollm2-135m")
@@ -219,10 +229,10 @@ def _with_adapter(model, adapter: str | None):
 def cmd_eval(args) -> int:
     from ray_prune.evaluate import evaluate
 
-    tasks = [] if args.tasks.strip() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
-    from ray_prune.evaluate import check_tasks
+    from ray_prune.evaluate import resolve_tasks
 
-    check_tasks(tasks)  # before loading anything
+    tasks = [] if args.tasks.strip() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
+    resolve_tasks(tasks)  # unknown tasks fail before anything loads
     model, tok = _load(args)
     model = _with_adapter(model, args.adapter)
     scores = evaluate(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir,
@@ -245,7 +255,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_sweep(args) -> int:
+    from ray_prune.experiment import load_experiment
+
+    exp = load_experiment(args.experiment)
+    if args.check:
+        from ray_prune.sweep import plan
+
+        p = plan(exp, args.storage, args.rerun)
+        print(f"{exp.name}: {len(p['cells'])} cells ({len(p['pending'])} to run) over "
+              f"{', '.join(f'{m} (L={L})' for m, L in p['layers'].items())} -> {p['storage'].uri}")
+        return 0
+    from ray_prune.status import summary_table
+    from ray_prune.sweep import run_sweep
+
+    df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet)
+    print(summary_table(df))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from ray_prune.status import status_report
+
+    print(status_report(args.storage))
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,9 +93,13 @@ def _iter_texts(source: TextSource, root: Path | None) -> Iterator[str]:
         return
     import datasets
 
-    stream = datasets.load_dataset(source.hub_path, source.hub_name, split=source.hub_split, streaming=True)
-    for row in stream:
-        yield row[source.text_field]
+    try:
+        stream = datasets.load_dataset(source.hub_path, source.hub_name, split=source.hub_split, streaming=True)
+        for row in stream:
+            yield row[source.text_field]
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"cannot read {source.hub_path} from the hub: {str(e).splitlines()[0]}",
+                        f"check the network, or point --data-dir / ${DATA_DIR_ENV} at a local Parquet mirror") from None
 
 
 def load_texts(

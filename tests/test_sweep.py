@@ -1,0 +1,159 @@
+"""Sweeps on real local Ray with a tiny real model: grid, ledger, resume, extension, failures, ASHA.
+
+One Ray instance serves the whole module (ray.init costs ~5 s on 2 cores).
+The model is a random-init 6-layer Llama saved as an ordinary HF directory with
+SmolLM2's tokenizer, so trials spend their time in Ray and our code, not in
+matmuls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import tiny_model
+from ray_prune.errors import UserError
+from ray_prune.experiment import parse_experiment
+from ray_prune.results import load_results
+from ray_prune.trial import FAULT_ENV
+
+FAULTY = "faulty"  # any model path containing this raises in the heal stage (see trial._maybe_fault)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    for name in ("tiny-llama", f"tiny-{FAULTY}"):
+        model = tiny_model("llama", num_layers=6, seed=3)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ[FAULT_ENV] = f"{FAULTY}:heal"  # inherited by Ray's workers, which start after this
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    os.environ.pop(FAULT_ENV, None)
+
+
+def _experiment(models_dir, name="grid", **over):
+    spec = {
+        "name": name,
+        "models": [str(models_dir / "tiny-llama")],
+        "calibration": {"samples": 8, "max_length": 32, "batch_size": 4},
+        "fractions": [0.2, 0.5],
+        "strategies": ["similarity", "deepest"],
+        "heal": {"steps": 4, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2,
+                 "val_sequences": 2, "quantize": "none"},
+        "eval": {"tasks": {"boolq": {"limit": 3}}, "c4_sequences": 2, "seq_len": 32, "batch_size": 4},
+        "scheduler": {"type": "none"},
+        "resources": {"cpus_per_trial": 1, "max_failures": 1},
+        "dtype": "fp32",
+    }
+    for key, value in over.items():
+        spec[key] = value
+    return parse_experiment(spec)
+
+
+def _run(exp, storage, **kw):
+    from ray_prune.sweep import run_sweep
+
+    return run_sweep(exp, storage=str(storage), progress=False, **kw)
+
+
+def test_grid_runs_resumes_and_extends(ray_local, models_dir, tmp_path):
+    storage = tmp_path / "store"
+    df = _run(_experiment(models_dir), storage)
+    healed = df[df["stage"] == "healed"]
+    assert len(healed) == 4 and set(healed["status"]) == {"finished"}
+    assert sorted(zip(healed["strategy"], healed["n"])) == [("deepest", 1), ("deepest", 3),
+                                                            ("similarity", 1), ("similarity", 3)]
+    assert len(df[df["stage"] == "unhealed"]) == 4 and len(df[df["stage"] == "baseline"]) == 1
+    deep3 = healed[(healed["strategy"] == "deepest") & (healed["n"] == 3)].iloc[0]
+    assert list(deep3["removed_layers"]) == [2, 3, 4]  # the final layer (5) is kept
+    for col in ("boolq_acc", "boolq_acc_stderr", "c4_loss", "c4_loss_norm", "tokens_seen", "wall_s", "loss_ratio"):
+        assert healed[col].notna().all(), col
+    assert (healed["tokens_seen"] == 4 * 2 * 32).all()
+    assert len(list((storage / "tables").glob("*.parquet"))) == 1
+
+    # Round trip through pandas, and a rerun that finds everything done adds nothing.
+    files = sorted((storage / "results").rglob("*.parquet"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = _run(_experiment(models_dir), storage)
+    assert sorted((storage / "results").rglob("*.parquet")) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert len(again) == len(df) and not again.duplicated(["cell_id", "stage"]).any()
+
+    # One more fraction: only its two cells (and their unhealed rows) run.
+    more = _run(_experiment(models_dir, fractions=[0.2, 0.5, 0.7]), storage)
+    assert len(more[more["stage"] == "healed"]) == 6
+    assert sorted(more[more["n"] == 4]["stage"]) == ["healed", "healed", "unhealed", "unhealed"]
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing old was rewritten
+    assert not more.duplicated(["cell_id", "stage"]).any()
+
+
+def test_failing_trial_is_retried_then_recorded(ray_local, models_dir, tmp_path):
+    exp = _experiment(models_dir, name="faults", models=[str(models_dir / "tiny-llama"),
+                                                         str(models_dir / f"tiny-{FAULTY}")],
+                      fractions=[0.5], strategies=["deepest"])
+    df = _run(exp, tmp_path / "s")
+    healed = df[df["stage"] == "healed"].set_index("model")
+    good = healed.loc[str(models_dir / "tiny-llama")]
+    bad = healed.loc[str(models_dir / f"tiny-{FAULTY}")]
+    assert good["status"] == "finished"
+    assert bad["status"] == "failed" and "injected fault" in bad["error"]
+    assert bad["attempts"] == 2  # the first try and max_failures=1 retry
+    # The unhealed stage of the failing cell finished before the fault and is kept.
+    assert len(df[(df["stage"] == "unhealed") & (df["model"] == str(models_dir / f"tiny-{FAULTY}"))]) == 1
+
+
+def test_asha_stops_weak_heal_settings(ray_local, models_dir, tmp_path):
+    heal = {"steps": 8, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
+            "quantize": "none", "lr": [3e-2, 1e-9, 1e-9, 1e-9]}
+    exp = _experiment(models_dir, name="asha", fractions=[0.5], strategies=["deepest"], heal=heal,
+                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                      eval={"tasks": {}, "c4_sequences": 0, "seq_len": 32, "batch_size": 4, "unhealed": False},
+                      resources={"cpus_per_trial": 2, "max_failures": 0})
+    df = _run(exp, tmp_path / "s")
+    healed = df[df["stage"] == "healed"]
+    assert len(healed) == 4
+    assert (healed["status"] == "stopped").sum() >= 1
+    best = healed.loc[healed["heal_lr"].idxmax()]
+    assert best["status"] == "finished"
+    stopped = healed[healed["status"] == "stopped"]
+    assert (stopped["steps_done"] < 8).all()
+
+
+def test_gpu_request_on_a_cpu_cluster_is_refused(ray_local, models_dir, tmp_path):
+    exp = _experiment(models_dir, name="gpu", resources={"gpus_per_trial": 1})
+    with pytest.raises(UserError, match="wait forever"):
+        _run(exp, tmp_path / "s")
+    assert not list((tmp_path / "s").rglob("*.parquet"))
+
+
+def test_storage_of_another_experiment_is_refused(ray_local, models_dir, tmp_path):
+    from ray_prune.results import save_experiment_record
+    from ray_prune.storage import Storage
+
+    save_experiment_record(Storage(str(tmp_path / "s")), "someone-else", {})
+    with pytest.raises(UserError, match="holds results of experiment 'someone-else'"):
+        _run(_experiment(models_dir), tmp_path / "s")
+
+
+def test_load_results_reports_corrupt_files(tmp_path):
+    from ray_prune.results import write_row
+    from ray_prune.storage import Storage
+
+    s = Storage(str(tmp_path))
+    write_row(s, {"experiment": "x", "cell_id": "a", "stage": "healed", "status": "finished", "model": "m",
+                  "strategy": "deepest", "n": 1})
+    (tmp_path / "results" / "m" / "b-healed.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.warns(UserWarning, match="corrupt result file"):
+        df = load_results(str(tmp_path))
+    assert len(df) == 1 and len(df.attrs["corrupt_files"]) == 1
