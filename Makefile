@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/ray-prune demo --out results/demo
+	$(VENV)/bin/ray-prune sweep experiments/smoke.yaml
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""``ray-prune``: one subcommand per step of the method, plus the demo.
+"""``ray-prune``: one subcommand per step of the method, plus the sweep and its status.
 
 Each step reads what the previous one wrote (a distance table, a saved model,
 an adapter), so they compose in shell scripts as well as in the sweep. Bad
@@ -104,12 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="summary of a sweep's results, without Ray")
     p.add_argument("storage", help="the sweep's storage root")
 
-    p = sub.add_parser("demo", help="profile -> prune -> heal -> eval on the bundled SmolLM2-135M")
-    p.add_argument("--out", default="results/demo")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--heal-steps", type=int, default=30)
-    p.add_argument("--limit", type=int, default=40, help="questions per task")
-    _common(p)
     return parser
 
 
@@ -248,13 +242,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from ray_prune.demo import run_demo
-
-    run_demo(args)
-    return 0
-
-
 def cmd_sweep(args) -> int:
     from ray_prune.experiment import load_experiment
 
@@ -281,7 +268,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,7 +145,8 @@ def trial_resources(exp: Experiment) -> tuple[float, int]:
     total = ray.cluster_resources()
     gpus_total, cpus_total = total.get("GPU", 0.0), int(total.get("CPU", 1))
     want = exp.resources.gpus_per_trial
-    gpus = (1.0 if gpus_total >= 1 else 0.0) if want == "auto" else float(want)
+    # auto: a GPU per trial where GPUs exist or an autoscaler will add them (clusters start at zero workers)
+    gpus = (1.0 if gpus_total >= 1 or exp.resources.autoscaling else 0.0) if want == "auto" else float(want)
     if gpus > gpus_total and not exp.resources.autoscaling:
         raise UserError(
             f"each trial asks for {gpus:g} GPU but the Ray cluster has {gpus_total:g}; "
@@ -281,6 +282,7 @@ def run_sweep(
         run_config=tune.RunConfig(
             name=f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(tune_root) if tune_root is not None else store.path("tune"),
+            storage_filesystem=None if tune_root is not None else store.fs,
             failure_config=tune.FailureConfig(max_failures=exp.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[view], verbose=0),
