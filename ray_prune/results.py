@@ -21,6 +21,8 @@ Row schema (columns; metric columns depend on the tasks run):
   ``heal_quantize``, ``seed``; and ``steps_done``, ``tokens_seen``
 - metrics: ``<task>_acc``, ``<task>_acc_stderr``, ``<task>_acc_norm`` ..., ``c4_loss``, ``c4_loss_norm`` (loss / ln V),
   ``heal_val_loss``, ``loss_ratio`` (healed or unhealed C4 loss over the model's unpruned loss)
+- heal curve (healed and stopped rows): ``curve_step``, ``curve_val_loss``, ``curve_train_loss`` (lists, one
+  entry per evaluation during healing); ``attempts`` on failed/stopped rows
 - cost and provenance: ``wall_s``, ``gpu_s``, ``device``, ``code_version``, ``finished_at``
 """
 

@@ -27,7 +27,7 @@ from ray_prune.grid import Cell, expand, model_num_layers
 from ray_prune.results import (done_ids, load_results, read_experiment_record, row_path, save_experiment_record,
                                slug, write_row)
 from ray_prune.storage import Storage
-from ray_prune.trial import CODE_VERSION, cell_row, failure_row, run_cell, run_evaluation
+from ray_prune.trial import CODE_VERSION, cell_row, curve_columns, failure_row, run_cell, run_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -317,4 +317,9 @@ def record_outcomes(grid, store: Storage, retries: dict[str, int]) -> None:
             row = failure_row(cell, "stopped", None, metrics)
         else:
             continue
-        write_row(store, {**row, "attempts": 1 + retries.get(cell.cell_id, 0)})
+        curve = []
+        history = result.metrics_dataframe
+        if history is not None and "heal_step" in history:
+            for _, h in history.dropna(subset=["heal_step"]).iterrows():
+                curve.append((h["heal_step"], h.get("heal_val_loss"), h.get("heal_train_loss")))
+        write_row(store, {**row, **curve_columns(curve), "attempts": 1 + retries.get(cell.cell_id, 0)})

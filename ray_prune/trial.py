@@ -149,12 +149,19 @@ def run_cell(
                                     loss_ratio=ratio(scores.get("c4_loss")),
                                     steps_done=reports[-1].step if reports else 0,
                                     tokens_seen=reports[-1].tokens_seen if reports else 0,
-                                    heal_s=heal_s, wall_s=wall, gpu_s=_device_seconds(wall), device=device))
+                                    heal_s=heal_s, wall_s=wall, gpu_s=_device_seconds(wall), device=device,
+                                    **curve_columns([(r.step, r.val_loss, r.train_loss) for r in reports])))
         if report is not None:
             report(dict(last), None)
         return last
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def curve_columns(points: list[tuple[int, float, float]]) -> dict[str, list]:
+    """The heal curve (one point per evaluation) as list columns of the healed row."""
+    return {"curve_step": [int(p[0]) for p in points], "curve_val_loss": [float(p[1]) for p in points],
+            "curve_train_loss": [float(p[2]) for p in points]}
 
 
 def failure_row(cell: Cell, status: str, error: BaseException | str | None, last: dict[str, Any]) -> dict[str, Any]:
