@@ -226,7 +226,8 @@ def cmd_eval(args) -> int:
     from ray_prune.evaluate import resolve_tasks
 
     tasks = [] if args.tasks.strip() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
-    resolve_tasks(tasks)  # unknown tasks fail before anything loads
+    if tasks:
+        resolve_tasks(tasks)  # unknown tasks fail before anything loads
     model, tok = _load(args)
     model = _with_adapter(model, args.adapter)
     scores = evaluate(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir,

@@ -23,7 +23,7 @@ def _clock(seconds: float) -> str:
 class ProgressView(tune.Callback):
     def __init__(self, totals: dict[str, int], out: TextIO | None = None, enabled: bool = True) -> None:
         self.totals = totals
-        self.out = out or sys.stdout
+        self.out = out  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
         self.enabled = enabled
         self.state: dict[str, str] = {}  # trial id -> running/done/stopped/failed
         self.model_of: dict[str, str] = {}
@@ -31,6 +31,9 @@ class ProgressView(tune.Callback):
         self.durations: list[float] = []
         self.retries: dict[str, int] = {}  # cell id -> times Tune restarted it after a failure
         self.t0 = time.monotonic()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "out": None}
 
     def _model(self, trial) -> str:
         return trial.config["run"]["cell"]["model"]
@@ -66,7 +69,7 @@ class ProgressView(tune.Callback):
                          f"{c['stopped']} stopped, {c['failed']} failed")
         eta = self.eta()
         tail = f" | left ~{_clock(eta)}" if eta is not None else ""
-        print(f"[{_clock(time.monotonic() - self.t0)}] " + " | ".join(parts) + tail, file=self.out, flush=True)
+        print(f"[{_clock(time.monotonic() - self.t0)}] " + " | ".join(parts) + tail, file=self.out or sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.monotonic()

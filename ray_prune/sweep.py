@@ -48,8 +48,9 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -
         raise UserError(f"storage {uri} holds results of experiment {record.get('name')!r}, not {exp.name!r}",
                         "use a separate --storage per experiment, or keep the experiment's name")
     root = data_dir(exp.data_dir)
-    defaults = resolve_tasks(list(exp.eval.tasks))
-    resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()})
+    if exp.eval.tasks:
+        defaults = resolve_tasks(list(exp.eval.tasks))
+        resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()})
     layers = {m.name: model_num_layers(m) for m in exp.models}
     cells = expand(exp, layers)
     ledger = {} if rerun else done_ids(storage)
@@ -259,7 +260,8 @@ def run_sweep(
     from ray_prune.progress import ProgressView
 
     max_steps = max(c.heal["steps"] for c in cells)
-    scheduler = (ASHAScheduler(time_attr="heal_step", metric="loss_ratio", mode="min", max_t=max_steps,
+    # max_t one past the last step: ASHA stops any trial that reaches max_t, which would cut off the healed eval.
+    scheduler = (ASHAScheduler(time_attr="heal_step", metric="loss_ratio", mode="min", max_t=max_steps + 1,
                                grace_period=min(exp.scheduler.grace_period, max_steps),
                                reduction_factor=exp.scheduler.reduction_factor)
                  if exp.scheduler.type == "asha" else FIFOScheduler())
@@ -273,6 +275,8 @@ def run_sweep(
         "reference_loss": refs[c.model]["heal_reference"].get(f"{c.heal['seq_len']}x{c.heal['val_sequences']}"),
         "do_unhealed": exp.eval.unhealed and c.owns_unhealed,
     } for c in cells]
+    # Tune snapshots its state at every checkpoint; that is wanted here, and its warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tune_root = store.local_path("tune")
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus}),

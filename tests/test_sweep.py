@@ -115,7 +115,7 @@ def test_failing_trial_is_retried_then_recorded(ray_local, models_dir, tmp_path)
 
 def test_asha_stops_weak_heal_settings(ray_local, models_dir, tmp_path):
     heal = {"steps": 8, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
-            "quantize": "none", "lr": [3e-2, 1e-9, 1e-9, 1e-9]}
+            "quantize": "none", "lr": [3e-2, 1e-9, 2e-9, 3e-9]}
     exp = _experiment(models_dir, name="asha", fractions=[0.5], strategies=["deepest"], heal=heal,
                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                       eval={"tasks": {}, "c4_sequences": 0, "seq_len": 32, "batch_size": 4, "unhealed": False},
