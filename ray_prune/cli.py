@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the experiment and print the plan; run nothing")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("report", help="HTML page with the paper's figures and tables from a sweep's results")
+    p.add_argument("storage", help="the sweep's storage root (local, s3://, gs://)")
+    p.add_argument("--out", help="output folder (default: <storage>/report for local storage)")
+
     p = sub.add_parser("status", help="summary of a sweep's results, without Ray")
     p.add_argument("storage", help="the sweep's storage root")
 
@@ -262,6 +266,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from ray_prune.report import write_report
+
+    index = write_report(args.storage, args.out)
+    print(f"report -> {index}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from ray_prune.status import status_report
 
@@ -269,7 +281,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval}
+COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
