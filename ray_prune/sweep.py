@@ -199,6 +199,13 @@ def run_sweep(
     """Run (or resume, or extend) a sweep and return its results as a DataFrame."""
     exp = load_experiment(experiment) if isinstance(experiment, str) else experiment
     p = plan(exp, storage, rerun)
+    from ray_prune.lock import SweepLock
+
+    with SweepLock(p["storage"]):
+        return _run_planned(exp, p, rerun, progress, num_cpus)
+
+
+def _run_planned(exp: Experiment, p: dict[str, Any], rerun: bool, progress: bool, num_cpus: int | None):
     store: Storage = p["storage"]
     save_experiment_record(store, exp.name, {"experiment": exp.model_dump(mode="json"), "layers": p["layers"],
                                              "cells": [{"cell_id": c.cell_id, "model": c.model} for c in p["cells"]],

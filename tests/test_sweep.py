@@ -157,3 +157,22 @@ def test_load_results_reports_corrupt_files(tmp_path):
     with pytest.warns(UserWarning, match="corrupt result file"):
         df = load_results(str(tmp_path))
     assert len(df) == 1 and len(df.attrs["corrupt_files"]) == 1
+
+
+def test_second_sweep_on_the_same_storage_is_refused(tmp_path):
+    import json
+    import time
+
+    from ray_prune.lock import LOCK, SweepLock
+    from ray_prune.storage import Storage
+
+    s = Storage(str(tmp_path))
+    with SweepLock(s, heartbeat=0.1):
+        with pytest.raises(UserError, match="another sweep .* is running"):
+            SweepLock(s).acquire()
+    assert not (tmp_path / LOCK).exists()  # released
+    # A lock left by a driver killed with SIGKILL goes stale and is taken over.
+    (tmp_path / LOCK).write_text(json.dumps({"token": "dead", "host": "h", "pid": 1, "beat": time.time() - 3600}))
+    lock = SweepLock(s, stale_after=600).acquire()
+    assert lock.took_over["token"] == "dead"
+    lock.release()
