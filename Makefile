@@ -7,6 +7,7 @@ DATA_DIR ?= ../shared/data
 export RAY_PRUNE_DATA_DIR ?= $(abspath $(DATA_DIR))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export OMP_WAIT_POLICY ?= PASSIVE
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
