@@ -23,7 +23,8 @@ Row schema (columns; metric columns depend on the tasks run):
   ``heal_val_loss``, ``loss_ratio`` (healed or unhealed C4 loss over the model's unpruned loss)
 - heal curve (healed and stopped rows): ``curve_step``, ``curve_val_loss``, ``curve_train_loss`` (lists, one
   entry per evaluation during healing); ``attempts`` on failed/stopped rows
-- cost and provenance: ``wall_s``, ``gpu_s``, ``device``, ``code_version``, ``finished_at``
+- cost and provenance: ``wall_s`` (the whole cell for healed rows, the evaluation for unhealed ones), ``load_s``
+  (model load + prune), ``heal_s``, ``eval_s``, ``profile_s`` (baseline rows), ``gpu_s`` (wall x GPUs), ``device``, ``code_version``, ``finished_at``
 """
 
 from __future__ import annotations

@@ -100,6 +100,7 @@ def run_cell(
     model, tok = load_model(cell.model, dtype=cell.dtype, trust_remote_code=cell.trust_remote_code)
     family, _ = family_of(model)
     prune_layers(model, cell.removed_layers)
+    load_s = time.perf_counter() - t0
     device = str(next(model.parameters()).device)
     last: dict[str, Any] = {}
 
@@ -112,7 +113,7 @@ def run_cell(
         scores = flatten_metrics(run_evaluation(model, tok, cell.eval, data_dir))
         wall = time.perf_counter() - t
         write_row(storage, cell_row(cell, "unhealed", "finished", family=family, **scores,
-                                    loss_ratio=ratio(scores.get("c4_loss")), wall_s=wall,
+                                    loss_ratio=ratio(scores.get("c4_loss")), wall_s=wall, eval_s=wall,
                                     gpu_s=_device_seconds(wall), device=device))
     if not cell.heal.get("enabled", True):
         return last
@@ -141,7 +142,9 @@ def run_cell(
                                    resume_from=resume_from, data_dir=data_dir, progress=False)
         heal_s = time.perf_counter() - t
         _maybe_fault(cell, "healed")
+        t = time.perf_counter()
         scores = flatten_metrics(run_evaluation(peft_model, tok, cell.eval, data_dir))
+        eval_s = time.perf_counter() - t
         wall = time.perf_counter() - t0
         last.update(completed=True)
         write_row(storage, cell_row(cell, "healed", "finished", family=family, **scores,
@@ -149,7 +152,7 @@ def run_cell(
                                     loss_ratio=ratio(scores.get("c4_loss")),
                                     steps_done=reports[-1].step if reports else 0,
                                     tokens_seen=reports[-1].tokens_seen if reports else 0,
-                                    heal_s=heal_s, wall_s=wall, gpu_s=_device_seconds(wall), device=device,
+                                    heal_s=heal_s, eval_s=eval_s, load_s=load_s, wall_s=wall, gpu_s=_device_seconds(wall), device=device,
                                     **curve_columns([(r.step, r.val_loss, r.train_loss) for r in reports])))
         if report is not None:
             report(dict(last), None)
