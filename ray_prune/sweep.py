@@ -262,15 +262,18 @@ def _run_planned(exp: Experiment, p: dict[str, Any], rerun: bool, progress: bool
 
     # Stage 2: the Tune grid.
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from ray_prune.progress import ProgressView
 
     max_steps = max(c.heal["steps"] for c in cells)
+    from ray_prune.scheduler import GroupedASHA
+
     # max_t one past the last step: ASHA stops any trial that reaches max_t, which would cut off the healed eval.
-    scheduler = (ASHAScheduler(time_attr="heal_step", metric="loss_ratio", mode="min", max_t=max_steps + 1,
-                               grace_period=min(exp.scheduler.grace_period, max_steps),
-                               reduction_factor=exp.scheduler.reduction_factor)
+    scheduler = (GroupedASHA(group_of=lambda cfg: f"{cfg['run']['cell']['unhealed_id']}:{cfg['run']['cell']['seed']}",
+                             time_attr="heal_step", metric="loss_ratio", mode="min", max_t=max_steps + 1,
+                             grace_period=min(exp.scheduler.grace_period, max_steps),
+                             reduction_factor=exp.scheduler.reduction_factor)
                  if exp.scheduler.type == "asha" else FIFOScheduler())
     totals: dict[str, int] = {}
     for c in cells:

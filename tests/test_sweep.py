@@ -24,7 +24,7 @@ FAULTY = "faulty"  # any model path containing this raises in the heal stage (se
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("models")
-    for name in ("tiny-llama", f"tiny-{FAULTY}"):
+    for name in ("tiny-llama", f"tiny-{FAULTY}", "tiny-other"):
         model = tiny_model("llama", num_layers=6, seed=3)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
@@ -114,14 +114,20 @@ def test_failing_trial_is_retried_then_recorded(ray_local, models_dir, tmp_path)
 
 
 def test_asha_stops_weak_heal_settings(ray_local, models_dir, tmp_path):
+    """Four learning rates compete for one pruned model; a second model with one bad setting is never stopped,
+    because ASHA ranks heal settings only within the same pruned model."""
     heal = {"steps": 8, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
             "quantize": "none", "lr": [3e-2, 1e-9, 2e-9, 3e-9]}
+    lone = {"name": str(models_dir / "tiny-other"), "heal": {"lr": 1e-9}}
     exp = _experiment(models_dir, name="asha", fractions=[0.5], strategies=["deepest"], heal=heal,
+                      models=[str(models_dir / "tiny-llama"), lone],
                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                       eval={"tasks": {}, "c4_sequences": 0, "seq_len": 32, "batch_size": 4, "unhealed": False},
                       resources={"cpus_per_trial": 2, "max_failures": 0})
     df = _run(exp, tmp_path / "s")
-    healed = df[df["stage"] == "healed"]
+    alone = df[(df["stage"] == "healed") & (df["model"] == lone["name"])]
+    assert len(alone) == 1 and alone["status"].iloc[0] == "finished"
+    healed = df[(df["stage"] == "healed") & (df["model"] == str(models_dir / "tiny-llama"))]
     assert len(healed) == 4
     assert (healed["status"] == "stopped").sum() >= 1
     best = healed.loc[healed["heal_lr"].idxmax()]
