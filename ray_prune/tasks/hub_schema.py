@@ -100,8 +100,5 @@ def winogrande(dataset):
     """WinoGrande (``answer`` "1"/"2", a string) from the mirror's 0-based int ``answer``."""
     if dataset.features["answer"].dtype == "string":
         return dataset
-    return dataset.map(
-        lambda b: {"answer": [str(int(a) + 1) for a in b["answer"]]},
-        batched=True,
-        remove_columns=["answer"],
-    )
+    as_text = dataset.map(lambda b: {"_answer": [str(int(a) + 1) for a in b["answer"]]}, batched=True)
+    return as_text.remove_columns("answer").rename_column("_answer", "answer")
