@@ -50,7 +50,8 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -
     root = data_dir(exp.data_dir)
     if exp.eval.tasks:
         defaults = resolve_tasks(list(exp.eval.tasks))
-        resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()})
+        resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()},
+                      local=root is not None)  # e.g. few-shot BoolQ needs a train split the local mirror lacks
     layers = {m.name: model_num_layers(m) for m in exp.models}
     cells = expand(exp, layers)
     ledger = {} if rerun else done_ids(storage)
