@@ -53,11 +53,33 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -
         resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()},
                       local=root is not None)  # e.g. few-shot BoolQ needs a train split the local mirror lacks
     layers = {m.name: model_num_layers(m) for m in exp.models}
+    check_lora_targets(exp)
     cells = expand(exp, layers)
     ledger = {} if rerun else done_ids(storage)
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in ("finished", "stopped")]
     return {"storage": storage, "data_dir": str(root) if root else None, "layers": layers, "cells": cells,
             "pending": pending, "ledger": ledger}
+
+
+def check_lora_targets(exp: Experiment) -> None:
+    """Explicit LoRA target names must exist: checked on a weightless (meta-device) copy of each model."""
+    explicit = [(m, h["target"]) for m in exp.models for h in exp.heal_points(m) if isinstance(h["target"], list)]
+    if not explicit:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ray_prune.heal import resolve_targets
+    from ray_prune.models import resolve
+
+    for spec, target in explicit:
+        config = AutoConfig.from_pretrained(resolve(spec.name), trust_remote_code=spec.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        try:
+            resolve_targets(skeleton, target)
+        except UserError as e:
+            raise UserError(f"heal.target for {spec.name}: {e.problem}", e.fix) from None
 
 
 def baseline_id(exp: Experiment, model: str) -> str:

@@ -1,0 +1,162 @@
+"""Experiment files: every bad input fails before any model loads, names the field and the fix, and writes nothing."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_model
+from ray_prune.errors import UserError
+from ray_prune.experiment import load_experiment, parse_experiment
+from ray_prune.grid import expand
+
+GOOD = {
+    "name": "t",
+    "models": ["smollm2-135m"],
+    "fractions": [0.1, 0.2],
+    "strategies": ["similarity", "deepest"],
+    "calibration": {"samples": 8, "batch_size": 4},
+    "heal": {"steps": 2},
+    "eval": {"tasks": {"boolq": {"limit": 2}}},
+}
+
+
+def _with(path: str, value):
+    spec = copy.deepcopy(GOOD)
+    keys = path.split(".")
+    node = spec
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return spec
+
+
+def _without(key: str):
+    spec = copy.deepcopy(GOOD)
+    del spec[key]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory, tokenizer):
+    """A model of an architecture we cannot prune, saved as a real HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("odd")
+    cfg = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "gpt2-tiny")
+    tiny_model("llama", num_layers=4).save_pretrained(root / "llama-tiny")
+    tokenizer.save_pretrained(root / "llama-tiny")
+    return root
+
+
+# (case id, spec or callable(odd_models) -> spec, pattern the message must contain)
+CASES = [
+    ("typo-top-level", _with("fractionz", [0.1]), r"fractionz: unknown key \(did you mean 'fractions'\?\)"),
+    ("typo-nested", _with("heal.stepz", 3), r"heal.stepz: unknown key \(did you mean 'steps'\?\)"),
+    ("typo-calibration", _with("calibration.sample", 8), r"calibration.sample: unknown key"),
+    ("fraction-one", _with("fractions", [0.1, 1.0]), r"fractions: fractions \[1.0\] are outside \[0, 1\)"),
+    ("fraction-negative", _with("fractions", [-0.1]), r"outside \[0, 1\)"),
+    ("fraction-range-empty", _with("fractions", {"start": 0.5, "stop": 0.1, "step": 0.1}), r"fraction grid is empty"),
+    ("fractions-empty", _with("fractions", []), r"fraction grid is empty"),
+    ("n-equals-L", _with("fractions", [0.99]), r"rounds to n=30.*leaves no layer"),
+    ("unknown-strategy", _with("strategies", ["random"]), r"strategies.0: Input should be 'similarity' or 'deepest'"),
+    ("no-strategies", _with("strategies", []), r"strategies: List should have at least 1 item"),
+    ("unknown-metric", _with("calibration.metric", "cosine"), r"calibration.metric: Input should be"),
+    ("unknown-task", _with("eval.tasks", {"mmlu_pro": {}}), r"unknown task 'mmlu_pro' \(did you mean 'mmlu'\?\)"),
+    ("local-fewshot-boolq", _with("eval.tasks", {"boolq": {"shots": 3}}), r"boolq"),
+    ("batch-over-samples", _with("calibration", {"samples": 4, "batch_size": 8}),
+     r"batch_size 8 is larger than the calibration set"),
+    ("negative-lr", _with("heal.lr", -1e-4), r"heal: Value error, lr must be > 0|lr must be > 0"),
+    ("empty-lr-grid", _with("heal.lr", []), r"lr is an empty list"),
+    ("no-models", _with("models", []), r"models: List should have at least 1 item"),
+    ("models-missing", _without("models"), r"models: required key is missing"),
+    ("fractions-missing", _without("fractions"), r"fractions: required key is missing"),
+    ("bad-name", _with("name", "a/b"), r"name: String should match pattern"),
+    ("no-seeds", _with("seeds", []), r"seeds: List should have at least 1 item"),
+    ("bad-reduction-factor", _with("scheduler.reduction_factor", 1), r"scheduler.reduction_factor"),
+    ("unknown-model", _with("models", ["not-a-model"]), r"unknown model 'not-a-model'"),
+    ("missing-data-dir", _with("data_dir", "/nonexistent/data"), r"data dir /nonexistent/data does not exist"),
+    ("per-model-heal-typo", _with("models", [{"name": "smollm2-135m", "heal": {"rnak": 4}}]),
+     r"unknown heal keys \['rnak'\]"),
+    ("unsupported-architecture", lambda odd: _with("models", [str(odd / "gpt2-tiny")]),
+     r"unsupported architecture 'gpt2'"),
+    ("lora-target-missing", lambda odd: _with("heal.target", ["nope_proj"]) | {"models": [str(odd / "llama-tiny")]},
+     r"heal.target .* LoRA target module\(s\) nope_proj not found"),
+    ("not-a-directory-model", lambda odd: _with("models", [str(odd)]), r"is not a Hugging Face model directory"),
+]
+
+
+@pytest.mark.parametrize("case,spec,pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_experiment_fails_early_and_writes_nothing(case, spec, pattern, odd_models, tmp_path):
+    from ray_prune.sweep import plan
+
+    if callable(spec):
+        spec = spec(odd_models)
+    storage = tmp_path / "store"
+    with pytest.raises(UserError, match=pattern) as err:
+        plan(parse_experiment(spec, "exp.yaml"), str(storage))
+    assert err.value.fix, "every message carries a fix"
+    assert not list(storage.rglob("*.parquet")) and not (storage / "experiment.json").exists()
+
+
+def test_unwritable_storage(tmp_path):
+    from ray_prune.sweep import plan
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="is not writable"):
+        plan(parse_experiment(GOOD), str(blocker / "sub"))
+
+
+def test_storage_paths_cannot_escape_the_root(tmp_path):
+    from ray_prune.storage import Storage
+
+    s = Storage(str(tmp_path))
+    for bad in ("../x.parquet", "results/../../x", "/etc/passwd"):
+        with pytest.raises(UserError, match="escapes the storage root"):
+            s.write_bytes(bad, b"x")
+    assert not (tmp_path.parent / "x.parquet").exists()
+
+
+def test_yaml_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a YAML mapping"):
+        load_experiment(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_experiment(tmp_path / "broken.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_experiment(tmp_path / "latin1.yaml")
+    with pytest.raises(UserError, match="does not exist"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiments_are_valid(path: Path):
+    exp = load_experiment(path)
+    layers = {m.name: {"smollm2-135m": 30, "gemma3-270m": 18}.get(m.name, 32) for m in exp.models}
+    cells = expand(exp, layers)
+    assert cells and len({c.cell_id for c in cells}) == len(cells)
+    assert yaml.safe_load(path.read_text())["name"] == exp.name
+
+
+def test_smoke_grid_shape():
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml")
+    cells = expand(exp, {"smollm2-135m": 30, "gemma3-270m": 18})
+    assert len(cells) == 2 * 3 * 2
+    small = load_experiment(REPO / "experiments" / "small_models.yaml")
+    assert small.fraction_values()[0] == 0.0 and small.fraction_values()[-1] == pytest.approx(0.7)
+    assert len(small.fraction_values()) == 15
+
+
+def test_cell_hash_is_stable_and_extension_only_adds():
+    exp = parse_experiment(GOOD)
+    a = {c.cell_id for c in expand(exp, {"smollm2-135m": 30})}
+    b = {c.cell_id for c in expand(parse_experiment(_with("fractions", [0.1, 0.2, 0.3])), {"smollm2-135m": 30})}
+    assert a < b and len(b - a) == 2
+    assert a == {c.cell_id for c in expand(parse_experiment(GOOD), {"smollm2-135m": 30})}
