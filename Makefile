@@ -33,3 +33,6 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: install
+	cd benchmarks && ../$(PY) run_all.py
