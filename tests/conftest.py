@@ -76,6 +76,25 @@ def tokenizer():
     return load_tokenizer("smollm2-135m")
 
 
+def tiny_sweep_spec(models: list[str], name: str = "grid", **over) -> dict:
+    """An experiment that runs in seconds per cell: tiny local models, a few heal steps, tiny evals."""
+    spec = {
+        "name": name,
+        "models": models,
+        "calibration": {"samples": 8, "max_length": 32, "batch_size": 4},
+        "fractions": [0.2, 0.5],
+        "strategies": ["similarity", "deepest"],
+        "heal": {"steps": 4, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2,
+                 "val_sequences": 2, "quantize": "none"},
+        "eval": {"tasks": {"boolq": {"limit": 3}}, "c4_sequences": 2, "seq_len": 32, "batch_size": 4},
+        "scheduler": {"type": "none"},
+        "resources": {"cpus_per_trial": 1, "max_failures": 1},
+        "dtype": "fp32",
+    }
+    spec.update(over)
+    return spec
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (30 layers), loaded once per test session."""

@@ -211,7 +211,7 @@ def test_remote_storage_needs_out():
 def sweep(tmp_path_factory, tokenizer):
     import ray
 
-    from conftest import tiny_model
+    from conftest import tiny_model, tiny_sweep_spec
     from ray_prune.experiment import parse_experiment
     from ray_prune.sweep import run_sweep
 
@@ -219,19 +219,11 @@ def sweep(tmp_path_factory, tokenizer):
     model = tiny_model("llama", num_layers=6, seed=3)
     model.save_pretrained(root / "tiny-llama")
     tokenizer.save_pretrained(root / "tiny-llama")
-    exp = parse_experiment({
-        "name": "report",
-        "models": [str(root / "tiny-llama")],
-        "calibration": {"samples": 8, "max_length": 32, "batch_size": 4},
-        "fractions": [0.2, 0.5],
-        "strategies": ["similarity", "deepest"],
-        "heal": {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1,
-                 "val_sequences": 2, "quantize": "none"},
-        "eval": {"tasks": {"boolq": {"limit": 3}}, "c4_sequences": 2, "seq_len": 32, "batch_size": 4},
-        "scheduler": {"type": "none"},
-        "resources": {"cpus_per_trial": 1, "max_failures": 0},
-        "dtype": "fp32",
-    })
+    exp = parse_experiment(tiny_sweep_spec(
+        [str(root / "tiny-llama")], name="report",
+        heal={"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
+              "quantize": "none"},
+        resources={"cpus_per_trial": 1, "max_failures": 0}))
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         run_sweep(exp, storage=str(root / "store"), progress=False)

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import tiny_model
+from conftest import tiny_model, tiny_sweep_spec
 from ray_prune.errors import UserError
 from ray_prune.experiment import parse_experiment
 from ray_prune.results import load_results
@@ -43,22 +43,8 @@ def ray_local():
 
 
 def _experiment(models_dir, name="grid", **over):
-    spec = {
-        "name": name,
-        "models": [str(models_dir / "tiny-llama")],
-        "calibration": {"samples": 8, "max_length": 32, "batch_size": 4},
-        "fractions": [0.2, 0.5],
-        "strategies": ["similarity", "deepest"],
-        "heal": {"steps": 4, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2,
-                 "val_sequences": 2, "quantize": "none"},
-        "eval": {"tasks": {"boolq": {"limit": 3}}, "c4_sequences": 2, "seq_len": 32, "batch_size": 4},
-        "scheduler": {"type": "none"},
-        "resources": {"cpus_per_trial": 1, "max_failures": 1},
-        "dtype": "fp32",
-    }
-    for key, value in over.items():
-        spec[key] = value
-    return parse_experiment(spec)
+    over.setdefault("models", [str(models_dir / "tiny-llama")])
+    return parse_experiment(tiny_sweep_spec(name=name, **over))
 
 
 def _run(exp, storage, **kw):
