@@ -310,6 +310,7 @@ def _run_planned(exp: Experiment, p: dict[str, Any], rerun: bool, progress: bool
     } for c in cells]
     # Tune snapshots its state at every checkpoint; that is wanted here, and its warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 Tune then prints nothing: our view instead
     tune_root = store.local_path("tune")
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus}),

@@ -18,7 +18,8 @@ from ray_prune.experiment import parse_experiment
 from ray_prune.results import load_results
 from ray_prune.trial import FAULT_ENV
 
-FAULTY = "faulty"  # any model path containing this raises in the heal stage (see trial._maybe_fault)
+FAULTY = "faulty"
+SENTINEL = "hf_SENTINELtokenDoNotLeak0123456789abcdef"  # a fake HF_TOKEN that must never reach storage  # any model path containing this raises in the heal stage (see trial._maybe_fault)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,12 @@ def ray_local():
     import ray
 
     os.environ[FAULT_ENV] = f"{FAULTY}:heal"  # inherited by Ray's workers, which start after this
+    os.environ["HF_TOKEN"] = SENTINEL
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
     os.environ.pop(FAULT_ENV, None)
+    os.environ.pop("HF_TOKEN", None)
 
 
 def _experiment(models_dir, name="grid", **over):
@@ -82,6 +85,10 @@ def test_grid_runs_resumes_and_extends(ray_local, models_dir, tmp_path):
     assert sorted(more[more["n"] == 4]["stage"]) == ["healed", "healed", "unhealed", "unhealed"]
     assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing old was rewritten
     assert not more.duplicated(["cell_id", "stage"]).any()
+
+    # The token in the environment reaches no result, table, Tune state, log or checkpoint.
+    leaked = [p for p in storage.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_failing_trial_is_retried_then_recorded(ray_local, models_dir, tmp_path):
