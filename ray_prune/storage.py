@@ -32,6 +32,8 @@ class Storage:
             root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
             self.fs = pafs.LocalFileSystem()
             self.local = True
+            # Absolute from here on: Tune runs trials in their own working directories.
+            self.uri = root
         self.root = root.rstrip("/")
 
     def __repr__(self) -> str:
