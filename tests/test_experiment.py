@@ -160,3 +160,14 @@ def test_cell_hash_is_stable_and_extension_only_adds():
     b = {c.cell_id for c in expand(parse_experiment(_with("fractions", [0.1, 0.2, 0.3])), {"smollm2-135m": 30})}
     assert a < b and len(b - a) == 2
     assert a == {c.cell_id for c in expand(parse_experiment(GOOD), {"smollm2-135m": 30})}
+
+
+def test_relative_local_storage_is_made_absolute(tmp_path, monkeypatch):
+    """Trials run in their own working directories; a relative storage path must not follow them there."""
+    from ray_prune.storage import Storage
+
+    monkeypatch.chdir(tmp_path)
+    s = Storage("results/x")
+    assert s.uri == str(tmp_path / "results" / "x")
+    monkeypatch.chdir(tmp_path.parent)
+    assert Storage(s.uri).path("a") == str(tmp_path / "results" / "x" / "a")
