@@ -178,20 +178,40 @@ def _overlay(spec: TaskSpec, task: str, root: Path) -> dict:
     }
 
 
-def _load_tasks(requested: Mapping[str, int], root: Path | None):
+def _local_subtask_sizes(requested: Mapping[str, int], root: Path) -> dict[str, int]:
+    """Docs per subtask of the split tasks (MMLU's subjects), counted from the mirror without building tasks."""
+    import collections
+
+    import pyarrow.parquet as pq
+
+    sizes: dict[str, int] = {}
+    for name in requested:
+        spec = TASKS[name]
+        if len(spec.lm_eval_tasks) == 1:
+            continue
+        path = local_file(root, f"{spec.local_dataset}/{spec.eval_split}.parquet")
+        counts = collections.Counter(pq.read_table(path, columns=["subject"]).column("subject").to_pylist())
+        sizes.update({t: counts.get(t[len(f"rp_{name}_"):], 0) for t in spec.lm_eval_tasks})
+    return sizes
+
+
+def _load_tasks(requested: Mapping[str, int], root: Path | None, only: set[str] | None = None):
     """The lm-eval TaskManager and Task objects (keyed by our lm-eval task name), shots set.
 
     The manager indexes only our tasks: lm-eval's ~14k built-in YAMLs take ~15 s to index.
+    ``only`` restricts split tasks (MMLU's 57 subjects) to the subtasks listed: building all
+    57 costs ~6 s per call, which dominates a small-``limit`` evaluation.
     """
     from lm_eval.tasks import TaskManager
 
-    names = [t for name in requested for t in TASKS[name].lm_eval_tasks]
+    names = [t for name in requested for t in TASKS[name].lm_eval_tasks
+             if only is None or len(TASKS[name].lm_eval_tasks) == 1 or t in only]
     with tempfile.TemporaryDirectory(prefix="ray_prune_tasks_") as tmp:
         if root is None:
             manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
         else:
             for name in requested:
-                for task in TASKS[name].lm_eval_tasks:
+                for task in (t for t in TASKS[name].lm_eval_tasks if t in names):
                     text = yaml.safe_dump(_overlay(TASKS[name], task, root), sort_keys=False)
                     (Path(tmp) / f"{task}.yaml").write_text(text)
             manager = TaskManager(include_path=tmp, include_defaults=False)
@@ -214,12 +234,15 @@ class _Indices(list):
         return item in self._set
 
 
-def _choose_docs(tasks: Mapping[str, object], requested: Mapping[str, int], limit: int | None,
+def _choose_docs(sizes: Mapping[str, int], requested: Mapping[str, int], limit: int | None,
                  seed: int) -> dict[str, list[int] | None]:
-    """Per lm-eval task, the doc indices to run (None: all); tasks that get none are left out."""
+    """Per lm-eval task, the doc indices to run (None: all); tasks that get none are left out.
+
+    ``sizes`` maps each lm-eval task to its number of evaluation docs.
+    """
     chosen: dict[str, list[int] | None] = {}
     for name in requested:
-        pool = [(t, i) for t in TASKS[name].lm_eval_tasks for i in range(len(tasks[t].eval_docs))]
+        pool = [(t, i) for t in TASKS[name].lm_eval_tasks for i in range(sizes[t])]
         if limit is None or limit >= len(pool):
             chosen.update({t: None for t in TASKS[name].lm_eval_tasks})
             continue
@@ -313,8 +336,14 @@ def evaluate_tasks(
     import lm_eval
 
     with _quiet_lm_eval():
-        manager, loaded = _load_tasks(requested, root)
-        chosen = _choose_docs(loaded, requested, limit, seed)
+        sizes = _local_subtask_sizes(requested, root) if root is not None and limit is not None else {}
+        only = None
+        if sizes:  # pick MMLU's questions first, then build only the subjects they come from
+            split = {n: s for n, s in requested.items() if len(TASKS[n].lm_eval_tasks) > 1}
+            only = {t for t in _choose_docs(sizes, split, limit, seed)}
+        manager, loaded = _load_tasks(requested, root, only)
+        sizes.update({t: len(task.eval_docs) for t, task in loaded.items() if t not in sizes})
+        chosen = _choose_docs(sizes, requested, limit, seed)
         run = [loaded[t] for t in chosen]
         samples = {t: idx for t, idx in chosen.items() if idx is not None}
         if samples:  # lm-eval runs every doc of a task missing from `samples`

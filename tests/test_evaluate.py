@@ -241,8 +241,12 @@ def test_task_templates_read_the_same_hub_data_as_the_builtins():
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, ours
 
 
-def test_limit_draws_a_seeded_sample_across_mmlu_subjects(local_tasks):
-    mmlu = {t: task for t, task in local_tasks.items() if t.startswith("rp_mmlu_")}
+def test_limit_draws_a_seeded_sample_across_mmlu_subjects(local_tasks, data_dir):
+    from ray_prune.evaluate import _local_subtask_sizes
+
+    mmlu = {t: len(task.eval_docs) for t, task in local_tasks.items() if t.startswith("rp_mmlu_")}
+    # The fast path counts subjects in the Parquet file instead of building 57 tasks: same numbers.
+    assert _local_subtask_sizes({"mmlu": 5}, data_dir) == mmlu
     picked = _choose_docs(mmlu, {"mmlu": 5}, 40, seed=1234)
     assert sum(len(v) for v in picked.values()) == 40
     assert len(picked) >= 25  # spread over subjects, not the first 40 of abstract_algebra
