@@ -18,8 +18,8 @@ from ray_prune.experiment import parse_experiment
 from ray_prune.results import load_results
 from ray_prune.trial import FAULT_ENV
 
-FAULTY = "faulty"
-SENTINEL = "hf_SENTINELtokenDoNotLeak0123456789abcdef"  # a fake HF_TOKEN that must never reach storage  # any model path containing this raises in the heal stage (see trial._maybe_fault)
+FAULTY = "faulty"  # any model path containing this raises in the heal stage (see trial._maybe_fault)
+SENTINEL = "hf_SENTINEL-not-a-real-token-4f2a9c"  # a fake HF_TOKEN that must never reach storage
 
 
 @pytest.fixture(scope="module")
