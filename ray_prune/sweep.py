@@ -98,9 +98,9 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     """Distance table + unpruned baseline of one model (runs inside the profiling actor)."""
     import torch
 
-    from ray_prune.architecture import family_of
+    from ray_prune.architecture import family_of, num_layers
     from ray_prune.data import load_texts
-    from ray_prune.distance import DistanceTable, profile
+    from ray_prune.distance import profile
     from ray_prune.heal import pack_texts, validation_loss
     from ray_prune.models import load_model
 
@@ -137,7 +137,7 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
         flat = flatten_metrics(scores)
         baseline_loss = flat.get("c4_loss")
         cell = Cell(experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code,
-                    num_layers=len(model.model.layers) if hasattr(model, "model") else 0, fraction=0.0, n=0,
+                    num_layers=num_layers(model), fraction=0.0, n=0,
                     strategy="none", seed=0, heal={}, calibration=cal.model_dump(), eval=exp.eval.model_dump(),
                     dtype=exp.dtype, cell_id=baseline_id(exp, spec.name), unhealed_id="")
         wall = time.perf_counter() - t
@@ -268,14 +268,13 @@ def _run_planned(exp: Experiment, p: dict[str, Any], rerun: bool, progress: bool
     from ray_prune.distance import DistanceTable
     from ray_prune.select import layers_to_remove
 
-    baselines = {}
-    for m in models:
-        base = refs[m.name]["baseline_loss"]
-        if base is None:  # baseline evaluated in an earlier run: read its loss back
-            df = load_results(store.uri)
-            hit = df[(df["stage"] == "baseline") & (df["cell_id"] == baseline_id(exp, m.name))]
-            base = float(hit["c4_loss"].iloc[0]) if len(hit) and "c4_loss" in hit else None
-        baselines[m.name] = base
+    baselines = {m.name: refs[m.name]["baseline_loss"] for m in models}
+    if any(v is None for v in baselines.values()):  # baselines evaluated in an earlier run: read their loss back
+        earlier = load_results(store.uri)
+        for m in models:
+            hit = earlier[(earlier["stage"] == "baseline") & (earlier["cell_id"] == baseline_id(exp, m.name))]
+            if baselines[m.name] is None and len(hit) and "c4_loss" in hit:
+                baselines[m.name] = float(hit["c4_loss"].iloc[0])
     tables = {}
     for c in pending:
         if c.strategy == "similarity" and c.n > 0 and c.model not in tables:

@@ -45,19 +45,16 @@ def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any
 
 def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None) -> dict[str, float]:
     """Tasks grouped by their limit (lm-eval runs once per group), plus the C4 loss."""
-    from ray_prune.evaluate import evaluate
+    from ray_prune.evaluate import evaluate, resolve_tasks
 
-    groups: dict[Any, dict[str, int | None]] = {}
+    defaults = resolve_tasks(list(spec["tasks"])) if spec["tasks"] else {}
+    groups: dict[Any, dict[str, int]] = {}
     for name, t in spec["tasks"].items():
-        groups.setdefault(t.get("limit"), {})[name] = t.get("shots")
+        shots = t.get("shots")
+        groups.setdefault(t.get("limit"), {})[name] = defaults[name] if shots is None else shots
     scores: dict[str, float] = {}
     for limit, tasks in groups.items():
-        named = {k: v for k, v in tasks.items() if v is not None}
-        plain = [k for k, v in tasks.items() if v is None]
-        from ray_prune.evaluate import resolve_tasks
-
-        shots = {**resolve_tasks(plain), **named} if plain else named
-        scores.update(evaluate(model, tokenizer, tasks=shots, limit=limit, data_dir=data_dir, c4_sequences=0,
+        scores.update(evaluate(model, tokenizer, tasks=tasks, limit=limit, data_dir=data_dir, c4_sequences=0,
                                batch_size=spec["batch_size"], progress=False))
     if spec["c4_sequences"]:
         scores.update(evaluate(model, tokenizer, tasks=[], data_dir=data_dir, c4_sequences=spec["c4_sequences"],
