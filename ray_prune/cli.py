@@ -263,7 +263,8 @@ def cmd_sweep(args) -> int:
 
     df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet)
     print(summary_table(df))
-    return 0
+    # Non-zero when a cell failed for good, so `ray job submit` and scripts see it; rerunning retries those cells.
+    return 1 if (df["status"] == "failed").any() else 0
 
 
 def cmd_report(args) -> int:

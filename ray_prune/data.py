@@ -75,6 +75,63 @@ def local_file(root: Path, relative: str) -> Path:
     return path
 
 
+def _local_texts(source: TextSource, root: Path) -> list[str | None]:
+    """The text column of a mirror file, decoded; unreadable files and non-UTF-8 bytes are a UserError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = local_file(root, source.local_file)
+    fix = f"rewrite it as Parquet with a UTF-8 string column {source.text_field!r}"
+    try:
+        if source.text_field not in pq.read_schema(path).names:
+            raise UserError(f"data file {path} has no column {source.text_field!r}", fix)
+        table = pq.read_table(path, columns=[source.text_field])
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"data file {path} cannot be read as Parquet: {str(e).splitlines()[0]}", fix) from None
+    column = table.column(source.text_field)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.to_pylist()
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise UserError(f"column {source.text_field!r} of {path} holds {column.type}, not text",
+                        f"rewrite it with a UTF-8 string column {source.text_field!r}")
+    out: list[str | None] = []
+    for i, raw in enumerate(column.to_pylist()):
+        try:
+            out.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"row {i} of {path} ({source.text_field!r}) is not UTF-8 text: {e.reason} at byte {e.start}",
+                            "re-encode the corpus as UTF-8 (e.g. bytes.decode('latin-1') then write it as strings)") from None
+    return out
+
+
+def check_texts(needs: dict[Role, int], dataset: str = "c4", data_dir_path: str | os.PathLike | None = None) -> dict[str, int]:
+    """Up-front check of a local mirror: readable, UTF-8, and enough usable documents for each role.
+
+    Runs before any model loads (the hub is not checked: streaming it would
+    cost the network round trips the check is meant to save). Returns the count
+    of usable documents per role, plus ``empty``.
+    """
+    if dataset not in TEXT_SOURCES:
+        raise UserError(f"unknown text dataset {dataset!r}", f"use one of {', '.join(TEXT_SOURCES)}")
+    root = data_dir(data_dir_path)
+    if root is None:
+        return {}
+    counts = {"calibration": 0, "heal": 0, "validation": 0, "empty": 0}
+    for text in _local_texts(TEXT_SOURCES[dataset], root):
+        if not isinstance(text, str) or not text.strip():
+            counts["empty"] += 1
+        else:
+            counts[role_of(text)] += 1
+    for role in ROLES:
+        if counts[role] < needs.get(role, 0):
+            raise UserError(
+                f"{dataset} ({root / TEXT_SOURCES[dataset].local_file}) holds {counts[role]} usable {role} documents "
+                f"({counts['empty']} empty documents skipped), {needs[role]} needed",
+                ("ask for fewer calibration.samples, or " if role == "calibration" else "")
+                + "point --data-dir at a larger corpus of non-empty text")
+    return counts
+
+
 def role_of(text: str) -> Role:
     """Assign a document to exactly one role by a stable hash of its text."""
     bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % 100
@@ -88,8 +145,7 @@ def _iter_texts(source: TextSource, root: Path | None) -> Iterator[str]:
     if root is not None:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(local_file(root, source.local_file), columns=[source.text_field])
-        yield from table.column(source.text_field).to_pylist()
+        yield from _local_texts(source, root)
         return
     import datasets
 

@@ -2,8 +2,10 @@
 
 Two drivers on the same results would each run the same missing cells. The
 second one refuses with a message naming the first. A driver killed with
-SIGKILL cannot remove its lock, so a lock whose heartbeat is older than
-``stale_after`` seconds is taken over, and the message says so.
+SIGKILL cannot remove its lock: a lock whose holder was a process on this
+host that no longer exists is taken over at once (the usual case: a laptop,
+or a head node where ``ray job submit`` reruns the driver), and any other lock
+whose heartbeat is older than ``stale_after`` seconds is taken over too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from ray_prune.errors import UserError
 from ray_prune.storage import Storage
 
 LOCK = ".sweep.lock"
+
+
+def _dead_here(holder: dict) -> bool:
+    """True if the holder ran on this host and its process is gone."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
 
 
 class SweepLock:
@@ -45,7 +62,7 @@ class SweepLock:
         holder = self._holder()
         if holder is not None:
             age = time.time() - float(holder.get("beat", 0))
-            if age < self.stale_after:
+            if age < self.stale_after and not _dead_here(holder):
                 raise UserError(
                     f"another sweep (pid {holder.get('pid')} on {holder.get('host')}) is running on "
                     f"{self.storage.uri}; its heartbeat is {age:.0f} s old",

@@ -104,6 +104,9 @@ def _convert_gguf(name: str, target: Path) -> None:
         raise
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def resolve(model: str) -> str:
     """A bundled name becomes its cached safetensors dir (converting once); others pass through."""
     if model in BUNDLED:
@@ -120,6 +123,12 @@ def resolve(model: str) -> str:
             raise UserError(f"{path} is not a Hugging Face model directory (no config.json)",
                             "pass a directory written by save_pretrained, a hub id, or a bundled name: "
                             + ", ".join(BUNDLED))
+        pickles = sorted(p.name for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise UserError(f"{path} holds only pickled weights ({', '.join(pickles[:3])}); ray-prune never unpickles "
+                            "weights, which can run arbitrary code",
+                            "convert them once, in an environment you trust, with "
+                            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) (writes safetensors)")
         return str(path.resolve())
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise UserError(

@@ -1170,6 +1170,18 @@ def _save(fig, path: Path) -> None:
         fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
 
 
+def remote_code_models(record: Mapping[str, Any] | None, df: pd.DataFrame) -> list[str]:
+    """Models that ran with trust_remote_code, from the experiment record and from the rows themselves."""
+    found = set()
+    spec = ((record or {}).get("spec") or {}).get("experiment") or {}
+    for m in spec.get("models", []):
+        if isinstance(m, Mapping) and m.get("trust_remote_code"):
+            found.add(str(m.get("name")))
+    if len(df) and "trust_remote_code" in df:
+        found |= set(df.loc[df["trust_remote_code"].fillna(False).astype(bool), "model"].astype(str))
+    return sorted(found)
+
+
 def write_report(storage: str, out: str | None = None) -> Path:
     """Write the report of the sweep at ``storage`` into ``out`` and return the path of index.html.
 
@@ -1275,6 +1287,14 @@ def write_report(storage: str, out: str | None = None) -> Path:
     if record is None:
         body.append("<p class='warn'>No experiment.json: the expected grid is unknown, so cells that never ran "
                     "cannot be listed.</p>")
+    remote = remote_code_models(record, df)
+    if remote:
+        body.append("<p class='warn'>Remote code ran: these models were loaded with <code>trust_remote_code: "
+                    "true</code>, which executes Python from the model repository: "
+                    + ", ".join(f"<code>{html.escape(m)}</code>" for m in remote) + "</p>")
+    else:
+        body.append("<p class='meta'><code>trust_remote_code</code> was off for every model: no code from a model "
+                    "repository ran. Weights were read from safetensors only.</p>")
     if corrupt:
         body.append("<p class='warn'>Corrupt result files were skipped (their cells rerun on the next sweep): "
                     + ", ".join(f"<code>{html.escape(p)}</code>" for p in corrupt) + "</p>")

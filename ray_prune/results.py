@@ -15,10 +15,11 @@ Row schema (columns; metric columns depend on the tasks run):
 
 - identity: ``experiment``, ``cell_id`` (config hash), ``unhealed_id``, ``stage`` (baseline | unhealed | healed),
   ``status`` (finished | stopped | failed), ``error``
-- model: ``model``, ``family``, ``num_layers`` (L), ``n``, ``fraction`` (requested), ``fraction_removed`` (n/L),
+- model: ``model``, ``trust_remote_code`` (whether the model's own Python ran), ``family``, ``num_layers`` (L), ``n``, ``fraction`` (requested), ``fraction_removed`` (n/L),
   ``strategy``, ``removed_layers`` (list<int>)
 - heal settings: ``heal_lr``, ``heal_rank``, ``heal_steps``, ``heal_batch_size``, ``heal_seq_len``,
-  ``heal_quantize``, ``seed``; and ``steps_done``, ``tokens_seen``
+  ``heal_quantize``, ``seed``; and ``steps_done``, ``tokens_seen``, ``resumed_from_step`` (the heal checkpoint a
+  retried trial resumed from; 0 when it ran in one go)
 - metrics: ``<task>_acc``, ``<task>_acc_stderr``, ``<task>_acc_norm`` ..., ``c4_loss``, ``c4_loss_norm`` (loss / ln V),
   ``heal_val_loss``, ``loss_ratio`` (healed or unhealed C4 loss over the model's unpruned loss)
 - heal curve (healed and stopped rows): ``curve_step``, ``curve_val_loss``, ``curve_train_loss`` (lists, one
@@ -36,6 +37,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ray_prune.faults import maybe_kill
 from ray_prune.storage import Storage
 
 STAGES = ("baseline", "unhealed", "healed")
@@ -62,7 +64,8 @@ def write_row(storage: Storage, row: dict[str, Any]) -> str:
     row = {**row, "finished_at": row.get("finished_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = row_path(row["model"], row["cell_id"], row["stage"])
     table = pa.Table.from_pylist([row])
-    storage.write_table(path, table)
+    context = f"{row['stage']}:{row['status']}:{row['model']}"
+    storage.write_table(path, table, before_publish=lambda: maybe_kill("write", context))
     return path
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_prune.errors import UserError
+
+TMP_PREFIX = "."  # temp files are hidden: listings skip them, so a half-written file is never read as a row
 
 
 class Storage:
@@ -58,18 +61,22 @@ class Storage:
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 
-    def _atomic(self, relative: str, write) -> None:
+    def _atomic(self, relative: str, write, before_publish: Callable[[], None] | None = None) -> None:
         target = self.path(relative)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         if not self.local:
+            if before_publish is not None:
+                before_publish()
             write(target)
             return
-        tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = f"{parent}/{TMP_PREFIX}{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            if before_publish is not None:
+                before_publish()
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -86,8 +93,9 @@ class Storage:
         with self.fs.open_input_stream(self.path(relative)) as f:
             return f.read()
 
-    def write_table(self, relative: str, table: pa.Table) -> None:
-        self._atomic(relative, lambda p: pq.write_table(table, p, filesystem=self.fs))
+    def write_table(self, relative: str, table: pa.Table, before_publish: Callable[[], None] | None = None) -> None:
+        """``before_publish`` runs once the data is on disk but not yet visible (fault-injection point)."""
+        self._atomic(relative, lambda p: pq.write_table(table, p, filesystem=self.fs), before_publish)
 
     def read_table(self, relative: str) -> pa.Table:
         return pq.read_table(self.path(relative), filesystem=self.fs)
@@ -101,6 +109,17 @@ class Storage:
             if info.type == pafs.FileType.File and not name.startswith(".") and name.endswith(suffix):
                 out.append(info.path[len(self.root) + 1:])
         return sorted(out)
+
+    def remove_temp_files(self, prefix: str) -> int:
+        """Delete temp files under ``prefix`` left by writers that died mid-write; only safe under the sweep lock."""
+        if not self.local:
+            return 0  # object stores publish whole objects: a dead writer leaves nothing
+        selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        stale = [i.path for i in self.fs.get_file_info(selector)
+                 if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX) and i.base_name.endswith(".tmp")]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
 
     def delete(self, relative: str) -> None:
         self.fs.delete_file(self.path(relative))

@@ -52,6 +52,8 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -
         defaults = resolve_tasks(list(exp.eval.tasks))
         resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()},
                       local=root is not None)  # e.g. few-shot BoolQ needs a train split the local mirror lacks
+    if root is not None:
+        check_local_data(exp, root)
     layers = {m.name: model_num_layers(m) for m in exp.models}
     check_lora_targets(exp)
     cells = expand(exp, layers)
@@ -59,6 +61,24 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in ("finished", "stopped")]
     return {"storage": storage, "data_dir": str(root) if root else None, "layers": layers, "cells": cells,
             "pending": pending, "ledger": ledger}
+
+
+def check_local_data(exp: Experiment, root) -> None:
+    """Every mirror file the sweep will read exists, is readable UTF-8 text, and holds enough documents."""
+    from ray_prune.data import check_texts, local_file
+    from ray_prune.evaluate import TASKS
+
+    # Healing, the heal validation loss and the C4 loss read the C4 sample's heal and validation documents.
+    c4_needs = {"heal": 1, "validation": 1}
+    if exp.calibration.dataset == "c4":
+        c4_needs["calibration"] = exp.calibration.samples
+    else:
+        check_texts({"calibration": exp.calibration.samples}, exp.calibration.dataset, root)
+    check_texts(c4_needs, "c4", root)
+    for name in exp.eval.tasks:
+        spec = TASKS[name]
+        for split in filter(None, (spec.eval_split, spec.fewshot_split)):
+            local_file(root, f"{spec.local_dataset}/{split}.parquet")
 
 
 def check_lora_targets(exp: Experiment) -> None:
@@ -224,7 +244,12 @@ def run_sweep(
     p = plan(exp, storage, rerun)
     from ray_prune.lock import SweepLock
 
-    with SweepLock(p["storage"]):
+    with SweepLock(p["storage"]) as lock:
+        if lock.took_over and progress:
+            print(f"took over the lock of a sweep that died (pid {lock.took_over.get('pid')} on "
+                  f"{lock.took_over.get('host')})")
+        # Writers killed mid-write leave hidden temp files; nobody else writes while we hold the lock.
+        p["storage"].remove_temp_files("results")
         return _run_planned(exp, p, rerun, progress, num_cpus)
 
 
@@ -340,14 +365,21 @@ def _fetch(store: Storage, model: str) -> str:
     return path
 
 
+def _row_status(store: Storage, rel: str) -> str | None:
+    try:
+        return store.read_table(rel).column("status")[0].as_py()
+    except (OSError, ValueError, KeyError, IndexError):
+        return None  # missing or unreadable: written anew
+
+
 def record_outcomes(grid, store: Storage, retries: dict[str, int]) -> None:
     """Rows for cells that ended without their healed row: failed for good, or stopped by ASHA."""
     for result in grid:
         cfg = result.config["run"]
         cell = Cell.from_dict(cfg["cell"])
         metrics = result.metrics or {}
-        if store.exists(row_path(cell.model, cell.cell_id, "healed")):
-            continue
+        if _row_status(store, row_path(cell.model, cell.cell_id, "healed")) == "finished":
+            continue  # the trial wrote its own row; a failed row of an earlier run is replaced below
         if result.error is not None:
             row = failure_row(cell, "failed", result.error, metrics)
         elif not metrics.get("completed"):

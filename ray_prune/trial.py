@@ -7,7 +7,6 @@ stage finishes, so a killed trial loses only the stage it was in.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -17,13 +16,11 @@ from typing import Any, Callable
 
 import torch
 
+from ray_prune.faults import maybe_kill, maybe_raise
 from ray_prune.grid import Cell
 from ray_prune.results import flatten_metrics, write_row
 from ray_prune.storage import Storage
 
-# Tests set this to "<text>:<stage>" to make cells whose model name contains <text> raise in that stage
-# (unhealed, heal or healed), as an out-of-memory error would.
-FAULT_ENV = "RAY_PRUNE_TEST_FAULT"
 CODE_VERSION = "0.1.0"
 
 
@@ -33,7 +30,7 @@ def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any
     return {
         "experiment": cell.experiment, "cell_id": cell.cell_id if stage != "unhealed" else cell.unhealed_id,
         "unhealed_id": cell.unhealed_id, "stage": stage, "status": status, "error": None,
-        "model": cell.model, "family": extra.pop("family", None), "num_layers": cell.num_layers, "n": cell.n,
+        "model": cell.model, "trust_remote_code": bool(cell.trust_remote_code), "family": extra.pop("family", None), "num_layers": cell.num_layers, "n": cell.n,
         "fraction": cell.fraction, "fraction_removed": cell.n / cell.num_layers, "strategy": cell.strategy,
         "removed_layers": list(cell.removed_layers),
         "heal_lr": heal.get("lr"), "heal_rank": heal.get("rank"), "heal_steps": heal.get("steps"),
@@ -60,12 +57,6 @@ def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None)
         scores.update(evaluate(model, tokenizer, tasks=[], data_dir=data_dir, c4_sequences=spec["c4_sequences"],
                                seq_len=spec["seq_len"], batch_size=spec["batch_size"], progress=False))
     return scores
-
-
-def _maybe_fault(cell: Cell, stage: str) -> None:
-    text, _, where = os.environ.get(FAULT_ENV, "").rpartition(":")
-    if text and where == stage and text in cell.model:
-        raise RuntimeError(f"injected fault in {stage} (CUDA out of memory, simulated)")
 
 
 def _device_seconds(seconds: float) -> float:
@@ -105,7 +96,7 @@ def run_cell(
         return loss / baseline_loss if loss is not None and baseline_loss else None
 
     if do_unhealed:
-        _maybe_fault(cell, "unhealed")
+        maybe_raise(cell.model, "unhealed")
         t = time.perf_counter()
         scores = flatten_metrics(run_evaluation(model, tok, cell.eval, data_dir))
         wall = time.perf_counter() - t
@@ -127,18 +118,20 @@ def run_cell(
                             val_sequences=h["val_sequences"], seed=cell.seed, dtype=cell.dtype)
         peft_model = prepare_for_healing(str(work / "pruned"), config)
         def on_eval(r) -> None:
-            _maybe_fault(cell, "heal")
+            maybe_raise(cell.model, "heal")
             last.update(heal_step=r.step, heal_val_loss=r.val_loss, heal_train_loss=r.train_loss,
                         tokens_seen=r.tokens_seen,
                         loss_ratio=r.val_loss / reference_loss if reference_loss else r.val_loss)
             if report is not None:
                 report(dict(last), r.checkpoint)
+            maybe_kill("heal", cell.model)
 
+        resumed_from_step = _checkpoint_step(resume_from)
         t = time.perf_counter()
         peft_model, reports = heal(peft_model, tok, config, callback=on_eval, checkpoint_dir=work / "checkpoint",
                                    resume_from=resume_from, data_dir=data_dir, progress=False)
         heal_s = time.perf_counter() - t
-        _maybe_fault(cell, "healed")
+        maybe_raise(cell.model, "healed")
         t = time.perf_counter()
         # Evaluate the adapter folded into full-precision weights, the model one would deploy: NF4 is a
         # training-memory device, and its rounding error (~0.13 nats of C4 loss on SmolLM2) is not pruning damage.
@@ -152,6 +145,7 @@ def run_cell(
                                     heal_val_loss=reports[-1].val_loss if reports else None,
                                     loss_ratio=ratio(scores.get("c4_loss")),
                                     steps_done=reports[-1].step if reports else 0,
+                                    resumed_from_step=resumed_from_step,
                                     tokens_seen=reports[-1].tokens_seen if reports else 0,
                                     heal_s=heal_s, eval_s=eval_s, load_s=load_s, wall_s=wall, gpu_s=_device_seconds(wall), device=device,
                                     **curve_columns([(r.step, r.val_loss, r.train_loss) for r in reports])))
@@ -160,6 +154,16 @@ def run_cell(
         return last
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _checkpoint_step(resume_from: str | None) -> int:
+    """The heal step a retried trial resumes from (0 for a fresh start): provenance for its row."""
+    import json
+
+    from ray_prune.heal import STATE_JSON, find_checkpoint
+
+    checkpoint = find_checkpoint(resume_from) if resume_from else None
+    return int(json.loads((checkpoint / STATE_JSON).read_text())["step"]) if checkpoint is not None else 0
 
 
 def curve_columns(points: list[tuple[int, float, float]]) -> dict[str, list]:

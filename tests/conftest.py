@@ -76,6 +76,16 @@ def tokenizer():
     return load_tokenizer("smollm2-135m")
 
 
+def save_tiny_models(root: Path, names: list[str], tokenizer, num_layers: int = 6) -> Path:
+    """Random-init 6-layer Llamas saved as HF directories with SmolLM2's tokenizer: sweeps on them spend their
+    time in Ray and our code, not in matmuls. Fault hooks match on the directory names."""
+    for name in names:
+        model = tiny_model("llama", num_layers=num_layers, seed=3)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
 def tiny_sweep_spec(models: list[str], name: str = "grid", **over) -> dict:
     """An experiment that runs in seconds per cell: tiny local models, a few heal steps, tiny evals."""
     spec = {

@@ -50,7 +50,40 @@ def odd_models(tmp_path_factory, tokenizer):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "gpt2-tiny")
     tiny_model("llama", num_layers=4).save_pretrained(root / "llama-tiny")
     tokenizer.save_pretrained(root / "llama-tiny")
+    _bad_mirrors(root)
+    (root / "pickled").mkdir()
+    (root / "pickled" / "config.json").write_bytes((root / "llama-tiny" / "config.json").read_bytes())
+    (root / "pickled" / "pytorch_model.bin").write_bytes(b"a pickle that must never be loaded")
     return root
+
+
+def _bad_mirrors(root: Path) -> None:
+    """Local data mirrors with one defect each; the good parts link to the real mirror."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    real = Path(os.environ["RAY_PRUNE_DATA_DIR"])
+    texts = pq.read_table(real / "c4" / "train_sample.parquet").column("text").to_pylist()
+    c4 = {
+        "non-utf8": pa.table({"text": pa.array([t.encode() for t in texts[:50]] + [b"caf\xe9 au lait"] * 3,
+                                               pa.binary())}),
+        "empty": pa.table({"text": ["", "   ", "\n"] * 20}),
+        "no-text-column": pa.table({"body": texts[:10]}),
+    }
+    for name, table in c4.items():
+        (root / f"data-{name}" / "c4").mkdir(parents=True)
+        pq.write_table(table, root / f"data-{name}" / "c4" / "train_sample.parquet")
+    (root / "data-corrupt" / "c4").mkdir(parents=True)
+    (root / "data-corrupt" / "c4" / "train_sample.parquet").write_bytes(b"PAR1 not really parquet")
+    (root / "data-no-c4").mkdir()
+    (root / "data-no-boolq").mkdir()
+    (root / "data-no-boolq" / "c4").symlink_to(real / "c4")
+
+
+def _data(name: str):
+    return lambda odd: _with("data_dir", str(odd / f"data-{name}"))
 
 
 # (case id, spec or callable(odd_models) -> spec, pattern the message must contain)
@@ -87,6 +120,16 @@ CASES = [
     ("lora-target-missing", lambda odd: _with("heal.target", ["nope_proj"]) | {"models": [str(odd / "llama-tiny")]},
      r"heal.target .* LoRA target module\(s\) nope_proj not found"),
     ("not-a-directory-model", lambda odd: _with("models", [str(odd)]), r"is not a Hugging Face model directory"),
+    ("pickled-weights", lambda odd: _with("models", [str(odd / "pickled")]),
+     r"holds only pickled weights \(pytorch_model.bin\); ray-prune never unpickles"),
+    ("calibration-larger-than-corpus", _with("calibration", {"samples": 5000, "batch_size": 8}),
+     r"holds \d+ usable calibration documents .* 5000 needed"),
+    ("non-utf8-text", _data("non-utf8"), r"row 50 of .*c4/train_sample.parquet \('text'\) is not UTF-8 text"),
+    ("empty-text", _data("empty"), r"holds 0 usable calibration documents \(60 empty documents skipped\)"),
+    ("no-text-column", _data("no-text-column"), r"has no column 'text'"),
+    ("corrupt-data-file", _data("corrupt"), r"cannot be read as Parquet"),
+    ("missing-data-file", _data("no-c4"), r"data file .*c4/train_sample.parquet is missing"),
+    ("missing-task-file", _data("no-boolq"), r"data file .*boolq/validation.parquet is missing"),
 ]
 
 

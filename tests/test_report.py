@@ -6,6 +6,8 @@ tokenizer on local Ray, 2 fractions x 2 strategies, 2 heal steps), run once for 
 
 from __future__ import annotations
 
+import html
+import json
 import math
 import os
 import re
@@ -296,6 +298,18 @@ def test_report_of_a_real_sweep(sweep, tmp_path):
     assert (status["expected"], status["finished"], status["not run"]) == (4, 4, 0)
     assert pd.read_csv(out / "missing_cells.csv").empty
     assert len(pd.read_csv(out / "results.csv")) == len(df)
+
+    # trust_remote_code: off here, and said so; a record saying it was on is shown as a warning.
+    assert "was off for every model" in index.read_text(encoding="utf-8")
+    assert not pd.read_csv(out / "results.csv")["trust_remote_code"].any()
+    record = json.loads((sweep / "experiment.json").read_text())
+    model = record["spec"]["experiment"]["models"][0]
+    model["trust_remote_code"] = True
+    (sweep / "experiment.json").write_text(json.dumps(record))
+    text = report.write_report(str(sweep), str(out)).read_text(encoding="utf-8")
+    assert "Remote code ran" in text and html.escape(model["name"]) in text.split("Remote code ran")[1][:2000]
+    model["trust_remote_code"] = False
+    (sweep / "experiment.json").write_text(json.dumps(record))
 
     # A partial sweep: one healed result is lost; re-rendering lists it and leaves a gap.
     victim = df[(df["stage"] == "healed") & (df["strategy"] == "deepest") & (df["n"] == 3)].iloc[0]

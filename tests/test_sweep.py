@@ -12,11 +12,11 @@ import os
 
 import pytest
 
-from conftest import tiny_model, tiny_sweep_spec
+from conftest import save_tiny_models, tiny_sweep_spec
 from ray_prune.errors import UserError
 from ray_prune.experiment import parse_experiment
 from ray_prune.results import load_results
-from ray_prune.trial import FAULT_ENV
+from ray_prune.faults import FAULT_ENV
 
 FAULTY = "faulty"  # any model path containing this raises in the heal stage (see trial._maybe_fault)
 SENTINEL = "hf_SENTINEL-not-a-real-token-4f2a9c"  # a fake HF_TOKEN that must never reach storage
@@ -24,12 +24,8 @@ SENTINEL = "hf_SENTINEL-not-a-real-token-4f2a9c"  # a fake HF_TOKEN that must ne
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("models")
-    for name in ("tiny-llama", f"tiny-{FAULTY}", "tiny-other"):
-        model = tiny_model("llama", num_layers=6, seed=3)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"), ["tiny-llama", f"tiny-{FAULTY}", "tiny-other"],
+                            tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +171,19 @@ def test_second_sweep_on_the_same_storage_is_refused(tmp_path):
     lock = SweepLock(s, stale_after=600).acquire()
     assert lock.took_over["token"] == "dead"
     lock.release()
+    # A fresh lock of a process of this host that is gone (SIGKILLed driver) is taken over at once ...
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / LOCK).write_text(json.dumps({"token": "killed", "host": socket.gethostname(), "pid": gone.pid,
+                                             "beat": time.time()}))
+    lock = SweepLock(s, stale_after=600).acquire()
+    assert lock.took_over["token"] == "killed"
+    lock.release()
+    # ... but not one of a live process on this host, however it got there.
+    (tmp_path / LOCK).write_text(json.dumps({"token": "alive", "host": socket.gethostname(), "pid": os.getppid(),
+                                             "beat": time.time()}))
+    with pytest.raises(UserError, match="another sweep"):
+        SweepLock(s, stale_after=600).acquire()
