@@ -61,6 +61,7 @@ import yaml
 
 from ray_prune.data import data_dir as resolve_data_dir
 from ray_prune.data import load_texts, local_file
+from ray_prune.packing import pack_texts
 from ray_prune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -380,31 +381,6 @@ def evaluate_tasks(
     return results
 
 
-def _pack(texts: Sequence[str], tokenizer, seq_len: int, num_sequences: int) -> torch.Tensor:
-    """The first ``num_sequences`` blocks of ``seq_len`` tokens of the concatenated documents.
-
-    Each document is tokenized as the tokenizer does by default (so a BOS, where
-    the tokenizer adds one, opens each document) and followed by EOS. If the
-    tokenizer adds a BOS, every block starts with it and holds ``seq_len - 1``
-    text tokens: models like Gemma are far off without it.
-    """
-    eos = tokenizer.eos_token_id
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    body = seq_len - 1 if adds_bos else seq_len
-    need = num_sequences * body
-    stream: list[int] = []
-    for text in texts:
-        ids = list(tokenizer(text)["input_ids"])
-        stream.extend(ids if eos is None or ids[-1:] == [eos] else ids + [eos])
-        if len(stream) >= need:
-            break
-    blocks = [stream[i:i + body] for i in range(0, len(stream) - body + 1, body)][:num_sequences]
-    if adds_bos:
-        blocks = [[bos] + b for b in blocks]
-    return torch.tensor(blocks, dtype=torch.long).reshape(len(blocks), seq_len)
-
-
 def _validation_texts(tokenizer, num_sequences: int, seq_len: int, data_dir) -> list[str]:
     """Held-out C4 documents (the ``validation`` role), enough to fill the blocks if the source can."""
     if resolve_data_dir(data_dir) is not None:  # the mirror is small: take its whole validation share
@@ -447,9 +423,7 @@ def c4_loss(
         raise UserError(f"c4_loss needs num_sequences >= 1 and seq_len >= 2, got {num_sequences}, {seq_len}")
     if texts is None:
         texts = _validation_texts(tokenizer, num_sequences, seq_len, data_dir)
-    blocks = _pack(texts, tokenizer, seq_len, num_sequences)
-    if len(blocks) == 0:
-        raise UserError(f"the texts hold fewer than {seq_len} tokens, not one block", "use a shorter seq_len")
+    blocks = pack_texts(texts, tokenizer, seq_len, max_blocks=num_sequences)
     if len(blocks) < num_sequences:
         log.warning("C4 loss on %d blocks of %d tokens: the texts hold no more (%d were asked for)",
                     len(blocks), seq_len, num_sequences)

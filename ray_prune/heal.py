@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ray_prune.errors import UserError
+from ray_prune.packing import pack_texts
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_JSON = "trainer_state.json"
@@ -136,36 +137,6 @@ class HealReport:
 
 # ---------------------------------------------------------------------------------------------------------------
 # data
-
-
-def pack_texts(texts: Sequence[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenize, join documents with EOS, cut into full ``seq_len`` blocks: ``(num_blocks, seq_len)`` int64.
-
-    Packing wastes no compute on padding and gives every block the same number
-    of loss tokens, so plain means over blocks are token-weighted. Each document
-    keeps the special tokens its tokenizer adds (e.g. a BOS for Llama/Gemma)
-    and ends in EOS; the tail that does not fill a block is dropped.
-    """
-    if seq_len < 2:
-        raise UserError(f"seq_len = {seq_len}", "use seq_len >= 2")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no EOS token to separate packed documents",
-                        "set tokenizer.eos_token before healing")
-    texts = [t for t in texts if isinstance(t, str) and t]
-    if not texts:
-        raise UserError("no texts to pack", "pass at least one non-empty document")
-    ids = tokenizer(list(texts), verbose=False)["input_ids"]
-    stream: list[int] = []
-    for doc in ids:
-        stream.extend(doc)
-        if not doc or doc[-1] != eos:
-            stream.append(eos)
-    n_blocks = len(stream) // seq_len
-    if n_blocks == 0:
-        raise UserError(f"{len(texts)} documents give {len(stream)} tokens, fewer than one block of {seq_len}",
-                        "pass more text or use a shorter seq_len")
-    return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
 
 
 def _default_texts(role: str, tokens_needed: int, data_dir: str | None) -> list[str]:
@@ -569,7 +540,7 @@ def heal(
     if val_texts is None:
         val_texts = _default_texts("validation", config.val_sequences * config.seq_len, data_dir)
     train_blocks = pack_texts(train_texts, tokenizer, config.seq_len)
-    val_blocks = pack_texts(val_texts, tokenizer, config.seq_len)
+    val_blocks = pack_texts(val_texts, tokenizer, config.seq_len, max_blocks=config.val_sequences)
     if val_blocks.shape[0] < config.val_sequences:
         warnings.warn(f"validation text gives {val_blocks.shape[0]} blocks of {config.seq_len} tokens, "
                       f"fewer than val_sequences={config.val_sequences}; using all of them", stacklevel=2)

@@ -147,7 +147,7 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     profile_s = time.perf_counter() - t0
     # The unpruned model's loss on each heal validation set: ASHA compares cells by loss relative to it.
     val_texts = load_texts("validation", None, data_dir_path=data_dir)
-    heal_reference = {f"{s}x{v}": validation_loss(model, pack_texts(val_texts, tok, s)[:v]) for s, v in heal_shapes}
+    heal_reference = {f"{s}x{v}": validation_loss(model, pack_texts(val_texts, tok, s, max_blocks=v)) for s, v in heal_shapes}
     baseline_loss = None
     if need_baseline:
         t = time.perf_counter()

@@ -389,16 +389,6 @@ def test_c4_uses_the_blocks_the_texts_hold_and_says_so(tokenizer, caplog):
         c4_loss(model, tokenizer, texts=["too short"], num_sequences=1, seq_len=64)
 
 
-def test_c4_blocks_start_with_bos_for_tokenizers_that_add_one():
-    from ray_prune.evaluate import _pack
-    from ray_prune.models import load_tokenizer
-
-    gemma = load_tokenizer("gemma3-270m")
-    assert gemma("a")["input_ids"][0] == gemma.bos_token_id
-    blocks = _pack(["one two three four five six seven"] * 40, gemma, 16, 5)
-    assert blocks.shape == (5, 16) and (blocks[:, 0] == gemma.bos_token_id).all()
-
-
 # --------------------------------------------------------------------------- the real model
 
 

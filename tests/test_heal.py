@@ -59,31 +59,6 @@ def _run(config: HealConfig, tokenizer, train, val, family: str = "llama", sharp
     return heal(model, tokenizer, config, train_texts=train, val_texts=val, progress=False, **kw)
 
 
-# --- packing ------------------------------------------------------------------------------------------------------
-
-
-def test_pack_texts_is_the_eos_joined_stream_cut_into_full_blocks(tokenizer, heal_texts):
-    seq_len = 64
-    blocks = pack_texts(heal_texts, tokenizer, seq_len)
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in heal_texts:
-        stream += tokenizer(text)["input_ids"] + [eos]
-    n = len(stream) // seq_len
-    assert blocks.dtype == torch.int64
-    assert blocks.shape == (n, seq_len)
-    assert n >= 10
-    # No padding and nothing reordered: the blocks are exactly the stream's first n * seq_len tokens.
-    assert blocks.flatten().tolist() == stream[: n * seq_len]
-    # Documents are separated: each document boundary inside the kept prefix carries one EOS.
-    assert (blocks == eos).sum().item() == stream[: n * seq_len].count(eos) >= 2
-
-
-def test_pack_texts_needs_one_full_block(tokenizer):
-    with pytest.raises(UserError, match="fewer than one block"):
-        pack_texts(["just a few words"], tokenizer, 512)
-
-
 # --- LoRA placement -----------------------------------------------------------------------------------------------
 
 
