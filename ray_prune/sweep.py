@@ -249,7 +249,8 @@ def run_sweep(
             print(f"took over the lock of a sweep that died (pid {lock.took_over.get('pid')} on "
                   f"{lock.took_over.get('host')})")
         # Writers killed mid-write leave hidden temp files; nobody else writes while we hold the lock.
-        p["storage"].remove_temp_files("results")
+        for folder in ("results", "tables"):
+            p["storage"].remove_temp_files(folder)
         return _run_planned(exp, p, rerun, progress, num_cpus)
 
 
