@@ -437,7 +437,7 @@ def c4_loss(
     try:
         for start in range(0, len(blocks), step):
             ids = blocks[start:start + step].to(device)
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids, use_cache=False).logits  # no KV cache to build and drop
             for row in range(ids.shape[0]):  # fp32 cross-entropy, one row at a time
                 total += torch.nn.functional.cross_entropy(
                     logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()

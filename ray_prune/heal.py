@@ -556,8 +556,12 @@ def heal(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters; was it prepared with prepare_for_healing?")
-    # foreach: one fused multi-tensor kernel per op instead of a Python loop over ~100s of small LoRA tensors.
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    # fused: one kernel for the whole update of ~100s of small LoRA tensors (3.0 vs 7.7 ms per step for
+    # foreach on SmolLM2's, CPU); foreach where no fused kernel exists.
+    fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                                   for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  **({"fused": True} if fused else {"foreach": True}))
     warmup = config.effective_warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, config.steps))
 

@@ -179,7 +179,9 @@ def _connect(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, **kwargs)
+        # address="local": always a fresh embedded Ray, even where a `ray start` cluster runs on this machine
+        # (attaching to it would reject num_cpus); clusters are reached through RAY_ADDRESS above.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, **kwargs)
 
 
 def trial_resources(exp: Experiment) -> tuple[float, int]:
