@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from timing import device_tag, interleaved_medians, machine
+from tiny_llama import tiny_llama
 
 
 def fit(xs, ys) -> dict[str, float]:
@@ -100,23 +101,6 @@ def profiling_scaling(model_name: str, samples: list[int], lengths: list[int], f
           "part of the cost grows with the square of the length, but up to these lengths the linear layers, "
           "which grow with the tokens, dominate.")
     del model
-
-
-def tiny_llama(out: str, num_layers: int = 6) -> str:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ray_prune.models import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=num_layers,
-                                  max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def sweep_spec(model_dir: str, cells: int, name: str) -> dict:

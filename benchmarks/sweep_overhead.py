@@ -34,6 +34,7 @@ import tempfile
 import time
 
 from timing import device_tag, machine, verdict
+from tiny_llama import tiny_llama
 
 TARGET = 0.10
 
@@ -145,23 +146,6 @@ def overhead(experiment: str, work: str, ray_start: float) -> None:
         stopped = int((other["status"] == "stopped").sum()) if len(other) else 0
         print(f"ASHA stopped {stopped} of {len(healed) + len(other)} cells here: it ranks heal settings "
               "within one pruned model, and this experiment has one setting per pruned model (see part 2).")
-
-
-def tiny_llama(out: str) -> str:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ray_prune.models import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=6,
-                                  max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def asha_spec(model_dir: str, scheduler: str, lrs: list[float], steps: int) -> dict:
