@@ -118,7 +118,7 @@ def check_texts(needs: dict[Role, int], dataset: str = "c4", data_dir_path: str 
         return {}
     counts = {"calibration": 0, "heal": 0, "validation": 0, "empty": 0}
     for text in _local_texts(TEXT_SOURCES[dataset], root):
-        if not isinstance(text, str) or not text.strip():
+        if not _usable(text):
             counts["empty"] += 1
         else:
             counts[role_of(text)] += 1
@@ -130,6 +130,11 @@ def check_texts(needs: dict[Role, int], dataset: str = "c4", data_dir_path: str 
                 ("ask for fewer calibration.samples, or " if role == "calibration" else "")
                 + "point --data-dir at a larger corpus of non-empty text")
     return counts
+
+
+def _usable(text: object) -> bool:
+    """Empty and whitespace-only documents carry nothing to profile, train on or score."""
+    return isinstance(text, str) and bool(text.strip())
 
 
 def role_of(text: str) -> Role:
@@ -178,7 +183,7 @@ def load_texts(
     root = data_dir(data_dir_path)
     out: list[str] = []
     for text in _iter_texts(TEXT_SOURCES[dataset], root):
-        if not isinstance(text, str) or not text.strip():
+        if not _usable(text):
             continue
         if role_of(text) == role:
             out.append(text)

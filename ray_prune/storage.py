@@ -100,23 +100,21 @@ class Storage:
     def read_table(self, relative: str) -> pa.Table:
         return pq.read_table(self.path(relative), filesystem=self.fs)
 
+    def _files(self, prefix: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
     def list_files(self, prefix: str, suffix: str = "") -> list[str]:
         """Relative paths of the files under ``prefix`` (hidden temp files excluded)."""
-        selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
-        out = []
-        for info in self.fs.get_file_info(selector):
-            name = info.path.rsplit("/", 1)[-1]
-            if info.type == pafs.FileType.File and not name.startswith(".") and name.endswith(suffix):
-                out.append(info.path[len(self.root) + 1:])
-        return sorted(out)
+        return sorted(i.path[len(self.root) + 1:] for i in self._files(prefix)
+                      if not i.base_name.startswith(TMP_PREFIX) and i.base_name.endswith(suffix))
 
     def remove_temp_files(self, prefix: str) -> int:
         """Delete temp files under ``prefix`` left by writers that died mid-write; only safe under the sweep lock."""
         if not self.local:
             return 0  # object stores publish whole objects: a dead writer leaves nothing
-        selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
-        stale = [i.path for i in self.fs.get_file_info(selector)
-                 if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX) and i.base_name.endswith(".tmp")]
+        stale = [i.path for i in self._files(prefix)
+                 if i.base_name.startswith(TMP_PREFIX) and i.base_name.endswith(".tmp")]
         for path in stale:
             self.fs.delete_file(path)
         return len(stale)
