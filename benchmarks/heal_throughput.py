@@ -68,10 +68,10 @@ class StepClock:
 
 def pruned_dir(model: str, fraction: float, out: str) -> tuple[str, int]:
     """Save the pruned model; return its directory and the multiply-adds per token of its linear layers."""
-    from ray_prune.architecture import decoder_layers
-    from ray_prune.models import load_model
-    from ray_prune.prune import prune_layers
-    from ray_prune.select import layers_to_remove, n_from_fraction
+    from ray_prune.core.architecture import decoder_layers
+    from ray_prune.core.models import load_model
+    from ray_prune.core.prune import prune_layers
+    from ray_prune.core.select import layers_to_remove, n_from_fraction
 
     m, tok = load_model(model, device="cpu")
     L = m.config.num_hidden_layers
@@ -84,7 +84,8 @@ def pruned_dir(model: str, fraction: float, out: str) -> tuple[str, int]:
 
 
 def run_ours(path, tok, config, texts) -> tuple[list, float]:
-    from ray_prune.heal import heal, prepare_for_healing
+    from ray_prune.core.heal.lora import prepare_for_healing
+    from ray_prune.core.heal.loop import heal
 
     model = prepare_for_healing(path, config)
     clock = StepClock(model)
@@ -104,7 +105,7 @@ def padded_examples(texts, tok, seq_len: int) -> list[dict]:
 def run_trainer(path, tok, config, data) -> tuple[list, float]:
     from transformers import Trainer, TrainingArguments
 
-    from ray_prune.heal import prepare_for_healing
+    from ray_prune.core.heal.lora import prepare_for_healing
 
     model = prepare_for_healing(path, config)
     clock = StepClock(model)
@@ -135,9 +136,10 @@ def main() -> None:
     ap.add_argument("--no-padded", action="store_true", help="skip the padded-recipe Trainer run")
     args = ap.parse_args()
 
-    from ray_prune.data import load_texts
-    from ray_prune.heal import HealConfig, pack_texts
-    from ray_prune.models import load_tokenizer
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.heal.config import HealConfig
+    from ray_prune.core.packing import pack_texts
+    from ray_prune.core.models import load_tokenizer
 
     tok = load_tokenizer(args.model)
     texts = load_texts("heal", 200)

@@ -46,8 +46,8 @@ def batches(tok, texts, batch_size, max_length, device):
 
 @torch.inference_mode()
 def decoder_forward(model, data):
-    from ray_prune.architecture import decoder
-    from ray_prune.distance import position_ids_from_mask
+    from ray_prune.core.architecture import decoder
+    from ray_prune.core.profile import position_ids_from_mask
 
     body = decoder(model)
     for ids, mask in data:
@@ -63,7 +63,7 @@ def causal_forward(model, data):
 @torch.inference_mode()
 def per_n_on_host(model, data, num_layers, ns=None):
     """One pass per n; hidden states moved to the host; last-token angular distance per (l, l+n), summed."""
-    from ray_prune.distance import last_token_index
+    from ray_prune.core.profile import last_token_index
 
     table = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
     for n in ns or range(1, num_layers + 1):
@@ -82,9 +82,9 @@ def per_n_on_host(model, data, num_layers, ns=None):
 def memory(name: str, args) -> dict[str, tuple[float, float]]:
     setup = f"""
 from profile_cost import batches, causal_forward, decoder_forward, per_n_on_host
-from ray_prune.data import load_texts
-from ray_prune.distance import profile
-from ray_prune.models import load_model
+from ray_prune.core.data import load_texts
+from ray_prune.core.profile import profile
+from ray_prune.core.models import load_model
 model, tok = load_model({name!r})
 texts = load_texts("calibration", {args.samples})
 data = batches(tok, texts, {args.batch_size}, {args.max_length}, model.device)
@@ -113,9 +113,9 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probe")
     args = ap.parse_args()
 
-    from ray_prune.data import load_texts
-    from ray_prune.distance import profile
-    from ray_prune.models import load_model
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.profile import profile
+    from ray_prune.core.models import load_model
 
     texts = load_texts("calibration", args.samples)
     print(f"# Profiling cost ({device_tag()})\n\n{machine()}; {args.samples} C4 calibration samples truncated to "

@@ -62,7 +62,7 @@ def param_mib(model) -> float:
 
 def linear_macs(model):
     """(multiply-adds per token in the blocks' linears, in the LM head)."""
-    from ray_prune.architecture import decoder_layers
+    from ray_prune.core.architecture import decoder_layers
 
     blocks = sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear))
     return blocks, model.get_output_embeddings().weight.numel()
@@ -79,10 +79,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from ray_prune.architecture import decoder
-    from ray_prune.models import load_model
-    from ray_prune.prune import prune_layers
-    from ray_prune.select import layers_to_remove, n_from_fraction
+    from ray_prune.core.architecture import decoder
+    from ray_prune.core.models import load_model
+    from ray_prune.core.prune import prune_layers
+    from ray_prune.core.select import layers_to_remove, n_from_fraction
 
     print(f"# Pruned-model inference ({device_tag()})\n\n{machine()}; prefill {args.batch} x {args.seq_len} tokens, "
           f"decode {args.new_tokens} tokens at batch 1 after a {args.prompt}-token prompt; deepest blocks removed; "

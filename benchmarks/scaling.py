@@ -28,9 +28,10 @@ import tempfile
 import time
 
 import numpy as np
+from pathlib import Path
 
 from timing import device_tag, interleaved_medians, machine
-from tiny_llama import tiny_llama
+from benchmark_paths import save_tiny_models, tiny_spec
 
 
 def fit(xs, ys) -> dict[str, float]:
@@ -67,9 +68,9 @@ def table(title: str, xname: str, unit: str, rows: list[tuple], extra_head: str 
 
 def profiling_scaling(model_name: str, samples: list[int], lengths: list[int], fixed_len: int, fixed_samples: int,
                       batch_size: int, repeats: int) -> None:
-    from ray_prune.data import load_texts
-    from ray_prune.distance import profile
-    from ray_prune.models import load_model
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.profile import profile
+    from ray_prune.core.models import load_model
 
     model, tok = load_model(model_name)
     texts = load_texts("calibration", max(samples + [fixed_samples]))
@@ -104,32 +105,22 @@ def profiling_scaling(model_name: str, samples: list[int], lengths: list[int], f
 
 
 def sweep_spec(model_dir: str, cells: int, name: str) -> dict:
-    return {
-        "name": name,
-        "models": [model_dir],
-        "calibration": {"samples": 8, "max_length": 32, "batch_size": 4},
-        "fractions": [0.5],
-        "strategies": ["deepest"],
-        "heal": {"steps": 4, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2,
-                 "val_sequences": 2, "quantize": "none"},
-        "eval": {"tasks": {"boolq": {"limit": 3}}, "c4_sequences": 2, "seq_len": 32, "batch_size": 4,
-                 "unhealed": False},
-        "seeds": list(range(cells)),
-        "scheduler": {"type": "none"},
-        "resources": {"cpus_per_trial": 1, "max_failures": 0},
-        "dtype": "fp32",
-    }
+    """The tiny experiment (tests/tiny.yaml), one pruned model, ``cells`` seeds of it."""
+    base = tiny_spec()
+    return tiny_spec([model_dir], name, fractions=[0.5], strategies=["deepest"], seeds=list(range(cells)),
+                     eval={**base["eval"], "unhealed": False},
+                     resources={**base["resources"], "max_failures": 0})
 
 
 def sweep_scaling(cells: list[int]) -> None:
     import ray
 
-    from ray_prune.experiment import parse_experiment
-    from ray_prune.sweep import run_sweep
+    from ray_prune.sweep.experiment import parse_experiment
+    from ray_prune.sweep.run import run_sweep
 
     work = tempfile.mkdtemp(prefix="ray-prune-scaling-")
     try:
-        model_dir = tiny_llama(os.path.join(work, "tiny-llama"))
+        model_dir = str(save_tiny_models(Path(work), ["tiny-llama"]) / "tiny-llama")
         cpus = os.cpu_count() or 1
         t = time.perf_counter()
         # address="local": a fresh instance of our own, never one that another job on this machine started

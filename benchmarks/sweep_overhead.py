@@ -32,9 +32,10 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 from timing import device_tag, machine, verdict
-from tiny_llama import tiny_llama
+from benchmark_paths import save_tiny_models, tiny_spec
 
 TARGET = 0.10
 
@@ -42,7 +43,7 @@ TARGET = 0.10
 def slots(exp) -> int:
     import ray
 
-    from ray_prune.sweep import trial_resources
+    from ray_prune.sweep.cluster import trial_resources
 
     gpus, cpus = trial_resources(exp)
     total = ray.cluster_resources()
@@ -51,7 +52,7 @@ def slots(exp) -> int:
 
 
 def timed_sweep(exp, storage):
-    from ray_prune.sweep import run_sweep
+    from ray_prune.sweep.run import run_sweep
 
     start = time.time()
     t = time.perf_counter()
@@ -66,7 +67,7 @@ def _sum(frame, name: str) -> float:
 def overhead(experiment: str, work: str, ray_start: float) -> None:
     import pandas as pd
 
-    from ray_prune.experiment import load_experiment
+    from ray_prune.sweep.experiment import load_experiment
 
     exp = load_experiment(experiment)
     k = slots(exp)
@@ -149,26 +150,19 @@ def overhead(experiment: str, work: str, ray_start: float) -> None:
 
 
 def asha_spec(model_dir: str, scheduler: str, lrs: list[float], steps: int) -> dict:
-    return {
-        "name": f"asha-{scheduler}",
-        "models": [model_dir],
-        "calibration": {"samples": 8, "max_length": 32, "batch_size": 4},
-        "fractions": [0.5],
-        "strategies": ["deepest"],
-        "heal": {"steps": steps, "lr": lrs, "batch_size": 2, "seq_len": 64, "warmup_steps": 1, "eval_every": 2,
-                 "val_sequences": 2, "quantize": "none"},
-        "eval": {"tasks": {"boolq": {"limit": 3}}, "c4_sequences": 2, "seq_len": 64, "batch_size": 4,
-                 "unhealed": False},
-        "scheduler": {"type": scheduler, "grace_period": 2, "reduction_factor": 2},
-        "resources": {"cpus_per_trial": 1, "max_failures": 0},
-        "dtype": "fp32",
-    }
+    """The tiny experiment (tests/tiny.yaml) with a grid of heal learning rates on one pruned model."""
+    base = tiny_spec()
+    return tiny_spec([model_dir], f"asha-{scheduler}", fractions=[0.5], strategies=["deepest"],
+                     heal={**base["heal"], "steps": steps, "lr": lrs, "seq_len": 64},
+                     eval={**base["eval"], "seq_len": 64, "unhealed": False},
+                     scheduler={"type": scheduler, "grace_period": 2, "reduction_factor": 2},
+                     resources={**base["resources"], "max_failures": 0})
 
 
 def asha_savings(work: str, lrs: list[float], steps: int) -> None:
-    from ray_prune.experiment import parse_experiment
+    from ray_prune.sweep.experiment import parse_experiment
 
-    model_dir = tiny_llama(os.path.join(work, "tiny-llama"))
+    model_dir = str(save_tiny_models(Path(work), ["tiny-llama"]) / "tiny-llama")
     out = {}
     for sched in ("asha", "none"):
         exp = parse_experiment(asha_spec(model_dir, sched, lrs, steps))

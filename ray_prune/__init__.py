@@ -7,33 +7,45 @@ them directly::
     model, tok = load_model("smollm2-135m")
     table = profile(model, tok, load_texts("calibration", 128))
     prune_layers(model, layers_to_remove("similarity", table.num_layers, n=6, table=table))
+
+Layers: ``core`` (the method), ``sweep`` (Ray orchestration), ``ledger``
+(storage and the results dataset), ``report`` (figures and tables), ``cli``.
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("ray-prune")  # the one declaration is pyproject.toml
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
+# Public name -> the module that defines it. No public name is also a submodule of this package.
 _EXPORTS = {
-    "load_model": "ray_prune.models",
-    "load_tokenizer": "ray_prune.models",
-    "load_texts": "ray_prune.data",
-    "profile": "ray_prune.distance",
-    "DistanceTable": "ray_prune.distance",
-    "layers_to_remove": "ray_prune.select",
-    "n_from_fraction": "ray_prune.select",
-    "optimal_starts": "ray_prune.select",
-    "prune_layers": "ray_prune.prune",
-    "HealConfig": "ray_prune.heal",
-    "heal": "ray_prune.heal",
-    "evaluate": "ray_prune.evaluate",
-    "load_results": "ray_prune.results",
+    "load_model": "ray_prune.core.models",
+    "load_tokenizer": "ray_prune.core.models",
+    "load_texts": "ray_prune.core.data",
+    "profile": "ray_prune.core.profile",
+    "DistanceTable": "ray_prune.core.distance",
+    "layers_to_remove": "ray_prune.core.select",
+    "n_from_fraction": "ray_prune.core.select",
+    "optimal_starts": "ray_prune.core.select",
+    "prune_layers": "ray_prune.core.prune",
+    "HealConfig": "ray_prune.core.heal.config",
+    "prepare_for_healing": "ray_prune.core.heal.lora",
+    "merge_adapter": "ray_prune.core.heal.lora",
+    "heal": "ray_prune.core.heal.loop",
+    "evaluate": "ray_prune.core.evaluation.harness",
+    "c4_loss": "ray_prune.core.loss",
+    "load_results": "ray_prune.ledger.rows",
+    "run_sweep": "ray_prune.sweep.run",
     "UserError": "ray_prune.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:

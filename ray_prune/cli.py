@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ray_prune.core import dtypes
+from ray_prune.core.distance import METRICS
+from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS
+from ray_prune.core.select import STRATEGIES
 from ray_prune.errors import UserError
 
 
@@ -25,7 +29,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where fast), bf16, fp16 or fp32")
+    p.add_argument("--dtype", default="auto", choices=list(dtypes.ALIASES),
+                   help="auto (bf16 where the hardware runs it natively), bf16, fp16 or fp32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -36,9 +41,38 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration documents (default 128)")
-    p.add_argument("--metric", default="angular", help="angular (paper), angular_all or block_influence")
+    p.add_argument("--metric", default="angular", choices=METRICS, help="distance: angular is the paper's")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024, help="tokens per calibration document")
+
+
+def _heal_args(p: argparse.ArgumentParser) -> None:
+    """One flag per HealConfig field (its default and reason as the help); --dtype is the common flag."""
+    import dataclasses
+    import typing
+
+    from ray_prune.core.heal.config import HealConfig
+
+    hints = typing.get_type_hints(HealConfig)
+    for f in dataclasses.fields(HealConfig):
+        if f.name == "dtype":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        why = f"{f.metadata['why']} (default {f.default})"
+        kind = hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=why)
+        elif f.name == "target":
+            p.add_argument(flag, default=f.default, type=_targets, help=why + "; module names comma-separated")
+        elif typing.get_origin(kind) is typing.Literal:
+            p.add_argument(flag, default=f.default, choices=typing.get_args(kind), help=why)
+        else:
+            number = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+            p.add_argument(flag, default=f.default, type=number[0], help=why)
+
+
+def _targets(text: str) -> str | list[str]:
+    return text if text in ("ffn", "all-linear") else [t for t in text.replace(" ", "").split(",") if t]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove layers and save an ordinary HF model")
     p.add_argument("model")
     p.add_argument("--out", required=True, help="directory for save_pretrained output")
-    p.add_argument("--strategy", default="similarity", help="similarity (paper), deepest (baseline) or layers")
+    p.add_argument("--strategy", default="similarity", choices=STRATEGIES,
+                   help="similarity (the paper's), deepest (its baseline) or layers (an explicit list)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fraction", type=float, help="fraction of layers to remove, in [0, 1)")
     group.add_argument("--n", type=int, help="number of layers to remove")
@@ -66,18 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heal", help="QLoRA-heal a pruned model on C4")
     p.add_argument("model", help="a pruned model directory (or any model)")
     p.add_argument("--out", required=True, help="directory for the adapter (and merged/ with --merge)")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--target", default="ffn", help="ffn (paper), all-linear, or comma-separated module names")
-    p.add_argument("--quantize", default="nf4", help="nf4 (QLoRA, paper) or none (plain LoRA)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--val-sequences", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    _heal_args(p)
     p.add_argument("--resume", help="adapter checkpoint directory to continue from")
     p.add_argument("--merge", action="store_true", help="also save the adapter merged into the weights")
     _common(p)
@@ -86,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--adapter", help="LoRA adapter directory from `ray-prune heal`")
     p.add_argument("--out", required=True, help="JSON file for the scores")
-    p.add_argument("--tasks", default="mmlu,boolq", help="comma-separated: mmlu, boolq, arc_easy, arc_challenge, "
-                                                         "hellaswag, piqa, winogrande; 'none' for loss only")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated: {', '.join(TASKS)}; 'none' for loss only")
     p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--c4-sequences", type=int, default=64, help="held-out C4 blocks for the loss (0: skip)")
@@ -112,15 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, model: str | None = None):
-    from ray_prune.models import load_model
+    from ray_prune.core.models import load_model
 
     return load_model(model or args.model, dtype=args.dtype, device=args.device,
                       trust_remote_code=args.trust_remote_code)
 
 
 def _calibration(args, model, tok):
-    from ray_prune.data import load_texts
-    from ray_prune.distance import profile
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.profile import profile
 
     texts = load_texts("calibration", args.samples, data_dir_path=args.data_dir)
     return profile(model, tok, texts, metric=args.metric, batch_size=args.batch_size, max_length=args.max_length,
@@ -128,7 +152,7 @@ def _calibration(args, model, tok):
 
 
 def cmd_profile(args) -> int:
-    from ray_prune.select import optimal_starts
+    from ray_prune.core.select import optimal_starts
 
     model, tok = _load(args)
     table = _calibration(args, model, tok)
@@ -143,10 +167,10 @@ def cmd_profile(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from ray_prune.architecture import num_layers
-    from ray_prune.distance import DistanceTable
-    from ray_prune.prune import prune_layers
-    from ray_prune.select import layers_to_remove, n_from_fraction
+    from ray_prune.core.architecture import num_layers
+    from ray_prune.core.distance import DistanceTable
+    from ray_prune.core.prune import prune_layers
+    from ray_prune.core.select import layers_to_remove, n_from_fraction
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -186,18 +210,17 @@ def _save_model(model, tok, out: Path) -> None:
 
 
 def _heal_config(args):
-    from ray_prune.heal import HealConfig
+    import dataclasses
 
-    target = args.target if args.target in ("ffn", "all-linear") else args.target.split(",")
-    return HealConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-                      lr=args.lr, rank=args.rank, warmup_steps=args.warmup_steps, target=target,
-                      quantize=args.quantize, eval_every=args.eval_every, val_sequences=args.val_sequences,
-                      seed=args.seed, dtype=args.dtype)
+    from ray_prune.core.heal.config import HealConfig
+
+    return HealConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HealConfig)})
 
 
 def cmd_heal(args) -> int:
-    from ray_prune.heal import heal, merge_adapter, prepare_for_healing
-    from ray_prune.models import load_tokenizer, resolve
+    from ray_prune.core.heal.lora import merge_adapter, prepare_for_healing
+    from ray_prune.core.heal.loop import heal
+    from ray_prune.core.models import load_tokenizer, resolve
 
     config = _heal_config(args)
     config.validate()
@@ -225,9 +248,8 @@ def _with_adapter(model, adapter: str | None):
 
 
 def cmd_eval(args) -> int:
-    from ray_prune.evaluate import evaluate
-
-    from ray_prune.evaluate import resolve_tasks
+    from ray_prune.core.evaluation.harness import evaluate
+    from ray_prune.core.evaluation.tasks import resolve_tasks
 
     tasks = [] if args.tasks.strip() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
     if tasks:
@@ -248,18 +270,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from ray_prune.experiment import load_experiment
+    from ray_prune.sweep.experiment import load_experiment
 
     exp = load_experiment(args.experiment)
     if args.check:
-        from ray_prune.sweep import plan
+        from ray_prune.sweep.plan import plan
 
         p = plan(exp, args.storage, args.rerun)
-        print(f"{exp.name}: {len(p['cells'])} cells ({len(p['pending'])} to run) over "
-              f"{', '.join(f'{m} (L={L})' for m, L in p['layers'].items())} -> {p['storage'].uri}")
+        print(f"{exp.name}: {len(p.cells)} cells ({len(p.pending)} to run) over "
+              f"{', '.join(f'{m} (L={L})' for m, L in p.layers.items())} -> {p.storage.uri}")
         return 0
-    from ray_prune.status import summary_table
-    from ray_prune.sweep import run_sweep
+    from ray_prune.report.status import summary_table
+    from ray_prune.sweep.run import run_sweep
 
     df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet)
     print(summary_table(df))
@@ -268,7 +290,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ray_prune.report import write_report
+    from ray_prune.report.write import write_report
 
     index = write_report(args.storage, args.out)
     print(f"report -> {index}")
@@ -276,7 +298,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from ray_prune.status import status_report
+    from ray_prune.report.status import status_report
 
     print(status_report(args.storage))
     return 0

@@ -313,7 +313,7 @@ def test_readme_sweep_commands_parse_and_use_shared_storage():
 
 
 def test_readme_resources_block_is_a_valid_experiment_section():
-    from ray_prune.experiment import Resources
+    from ray_prune.sweep.experiment import Resources
 
     blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
     resources = [yaml.safe_load(b)["resources"] for b in blocks if b.lstrip().startswith("resources:")]

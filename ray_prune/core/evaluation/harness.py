@@ -1,0 +1,258 @@
+"""Evaluate a (pruned, healed) model: lm-eval tasks and the C4 validation loss.
+
+The paper's two readouts are few-shot QA accuracy (MMLU 5-shot, BoolQ 0-shot)
+and the C4 validation loss divided by ln(vocab). Both work on an in-memory
+model, so a sweep evaluates exactly the object it pruned and healed (a plain
+``PreTrainedModel``, a PEFT-wrapped one, or a 4-bit one) without a save/load.
+
+Tasks run through lm-evaluation-harness, declared as lm-eval task YAMLs in
+``lm_eval_tasks/`` whose prompts, choices and metrics are those of lm-eval's
+built-in tasks (``tests/core/evaluation/test_harness.py`` checks the rendered prompts against
+the built-ins). Our task names carry an ``rp_`` prefix so they never collide
+with the built-ins; results are reported under the plain names.
+
+Local data versus the hub
+-------------------------
+The YAMLs name the hub datasets, so ``lm_eval --include_path ray_prune/core/evaluation/lm_eval_tasks
+--tasks rp_boolq`` works on its own. When a data dir is set (argument or
+``$RAY_PRUNE_DATA_DIR``), :func:`evaluate_tasks` writes (``overlay.py``), into a temporary
+folder, one small overlay YAML per task that ``include``\\ s the template by
+absolute path and replaces only where the data comes from: ``dataset_path:
+parquet`` with ``data_files`` pointing at ``<data dir>/<dataset>/<split>.parquet``
+(plus a row filter per MMLU subject), and the split names the mirror has. The
+prompt templates are never copied or rewritten. The mirror stores some fields
+under other names than the hub (``answer`` for ``label``, flat ``choices`` and
+``choice_labels`` for ARC's ``choices: {text, label}``...); each template's
+``process_docs`` (``lm_eval_tasks/hub_schema.py``) maps rows of either source to the
+hub schema, passing hub rows through. This keeps one prompt definition, the
+built-in one, for both sources, with the schema difference in one small,
+tested function per dataset, instead of two parallel sets of templates or
+prompt functions that branch on the schema.
+
+Limits and MMLU
+---------------
+``limit`` caps the questions per task, counted the same way for every task,
+MMLU included: ``limit`` questions drawn without replacement from the task's
+whole evaluation split by a ``seed``-ed RNG (so MMLU's sample spreads across its
+57 subjects rather than taking the first questions of the first subject; lm-eval's
+own ``--limit`` would cap each subject). MMLU runs as its 57 per-subject tasks,
+as lm-eval's built-in ``mmlu`` group does (each subject has its own description
+and its own first 5 dev questions as exemplars); its accuracy is the mean over
+all questions run, which for a full run equals the group's size-weighted acc.
+Standard errors are the standard error of that mean (sample std / sqrt(n), as
+lm-eval reports for a single task). For a full MMLU run lm-eval's group stderr
+differs slightly: it pools within-subject variances only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import random
+from typing import Iterator, Mapping, Sequence
+
+from ray_prune.core.data import data_dir as resolve_data_dir
+from ray_prune.core.evaluation.overlay import load_tasks, local_subtask_sizes
+from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, resolve_tasks
+from ray_prune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- lm-eval plumbing
+
+
+class _Indices(list):
+    """Doc indices for lm-eval's ``samples``, which it tests with ``i in indices`` for every doc."""
+
+    def __contains__(self, item) -> bool:
+        if not hasattr(self, "_set"):
+            self._set = frozenset(self)
+        return item in self._set
+
+
+def _choose_docs(sizes: Mapping[str, int], requested: Mapping[str, int], limit: int | None,
+                 seed: int) -> dict[str, list[int] | None]:
+    """Per lm-eval task, the doc indices to run (None: all); tasks that get none are left out.
+
+    ``sizes`` maps each lm-eval task to its number of evaluation docs.
+    """
+    chosen: dict[str, list[int] | None] = {}
+    for name in requested:
+        pool = [(t, i) for t in TASKS[name].lm_eval_tasks for i in range(sizes[t])]
+        if limit is None or limit >= len(pool):
+            chosen.update({t: None for t in TASKS[name].lm_eval_tasks})
+            continue
+        picks = sorted(random.Random(f"{seed}:{name}").sample(range(len(pool)), limit))
+        for k in picks:
+            t, i = pool[k]
+            chosen.setdefault(t, _Indices()).append(i)  # ascending within each task, as lm-eval expects
+    return chosen
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Keep lm-eval's and datasets' chatter out of the way unless someone asked for it.
+
+    The ``lm_eval`` logger is raised to ERROR only while it has no level of its
+    own: ``logging.getLogger("lm_eval").setLevel(logging.INFO)`` brings every
+    message back. lm-eval draws a progress bar per task while it builds prompts
+    (57 of them for MMLU); those are switched off for the duration.
+    """
+    import datasets
+    import lm_eval.api.task as lm_task
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    if level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+    bars = datasets.is_progress_bar_enabled()
+    ds_level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    tqdm = lm_task.tqdm
+    lm_task.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        lm_task.tqdm = tqdm
+        datasets.logging.set_verbosity(ds_level)
+        if bars:
+            datasets.enable_progress_bars()
+        logger.setLevel(level)
+
+
+def _lm(model, tokenizer, batch_size: int, progress: bool):
+    """lm-eval's HF wrapper around the in-memory model (PEFT-wrapped and 4-bit models included)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class _HFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _plan_docs(requested: Mapping[str, int], root, limit: int | None, seed: int):
+    """Build the tasks and choose their docs: (manager, loaded tasks, chosen docs, lm-eval ``samples``)."""
+    sizes = local_subtask_sizes(requested, root) if root is not None and limit is not None else {}
+    only = None
+    if sizes:  # pick MMLU's questions first, then build only the subjects they come from
+        split = {n: s for n, s in requested.items() if TASKS[n].is_split}
+        only = set(_choose_docs(sizes, split, limit, seed))
+    manager, loaded = load_tasks(requested, root, only)
+    sizes.update({t: len(task.eval_docs) for t, task in loaded.items() if t not in sizes})
+    chosen = _choose_docs(sizes, requested, limit, seed)
+    samples = {t: idx for t, idx in chosen.items() if idx is not None}
+    if samples:  # lm-eval runs every doc of a task missing from `samples`
+        samples.update({t: range(len(loaded[t].eval_docs)) for t in chosen if chosen[t] is None})
+    return manager, loaded, chosen, samples
+
+
+def _scores(requested: Mapping[str, int], chosen: Mapping[str, object], samples_out: Mapping[str, list]):
+    """Per task: each metric's mean and standard error over the docs run, their number, and the shots."""
+    results: dict[str, dict[str, float]] = {}
+    for name, shots in requested.items():
+        spec = TASKS[name]
+        docs = [d for t in spec.lm_eval_tasks if t in chosen for d in samples_out[t]]
+        row: dict[str, float] = {}
+        for metric in spec.metrics:
+            row[metric], row[f"{metric}_stderr"] = _mean_stderr([float(d[metric]) for d in docs])
+        row["n"] = len(docs)
+        row["shots"] = shots
+        results[name] = row
+    return results
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[str] | Mapping[str, int] = DEFAULT_TASKS,
+    limit: int | None = None,
+    data_dir=None,
+    batch_size: int = 8,
+    seed: int = 1234,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval tasks on an in-memory model.
+
+    ``tasks``: names (default shots from the task YAMLs) or ``{name: shots}``.
+    ``limit``: at most this many questions per task, a seeded sample of the
+    whole split (see the module docstring). Returns ``{task: {"acc": ..,
+    "acc_stderr": .., ["acc_norm": .., "acc_norm_stderr": ..,] "n": ..,
+    "shots": ..}}``. Bad task names, shots or limits fail before any model work.
+    """
+    requested = resolve_tasks(tasks)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        resolve_tasks(requested, local=True)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit must be a positive integer or None, got {limit!r}")
+
+    import lm_eval
+
+    with _quiet_lm_eval():
+        manager, loaded, chosen, samples = _plan_docs(requested, root, limit, seed)
+        was_training = model.training
+        model.eval()
+        try:
+            out = lm_eval.simple_evaluate(
+                model=_lm(model, tokenizer, batch_size, progress),
+                tasks=[loaded[t] for t in chosen],
+                task_manager=manager,  # else lm-eval builds one that indexes all its built-in tasks
+                samples=samples or None,
+                log_samples=True,
+                bootstrap_iters=0,  # only means are reported; their stderr is computed below
+                # Only exemplar sampling draws random numbers here; leave the caller's global RNGs alone.
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+                fewshot_random_seed=seed,
+            )
+        finally:
+            model.train(was_training)
+    return _scores(requested, chosen, out["samples"])
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[str] | Mapping[str, int] = DEFAULT_TASKS,
+    limit: int | None = None,
+    data_dir=None,
+    c4_sequences: int = 64,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    seed: int = 1234,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Tasks and C4 loss in one flat dict: ``{"mmlu/acc": .., "boolq/acc": .., "c4/loss_norm": ..}``.
+
+    ``tasks`` empty skips lm-eval; ``c4_sequences=0`` skips the C4 loss.
+    """
+    flat: dict[str, float] = {}
+    if tasks:
+        for name, row in evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir,
+                                        batch_size=batch_size, seed=seed, progress=progress).items():
+            flat.update({f"{name}/{k}": v for k, v in row.items()})
+    if c4_sequences:
+        from ray_prune.core.loss import c4_loss
+
+        c4 = c4_loss(model, tokenizer, num_sequences=c4_sequences, seq_len=seq_len,
+                     batch_size=batch_size, data_dir=data_dir)
+        flat.update({f"c4/{k}": v for k, v in c4.items()})
+    return flat

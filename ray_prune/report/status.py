@@ -1,0 +1,65 @@
+"""``ray-prune status``: a sweep's state from storage alone: no Ray, no models, safe to run while a sweep is going.
+
+The counts per model are the report's (:func:`~ray_prune.report.cells.cell_status`, and
+:func:`~ray_prune.report.cells.missing_cells` for the failures), printed as text.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pandas as pd
+
+from ray_prune.ledger.rows import load_results, read_experiment_record
+from ray_prune.ledger.storage import Storage
+from ray_prune.report.cells import cell_status, expected_cells, missing_cells
+from ray_prune.report.frames import conformed, has_values
+
+SUMMARY_METRICS = ("mmlu_acc", "boolq_acc", "arc_easy_acc", "c4_loss_norm")
+
+
+def summary_table(df) -> str:
+    """Unpruned baseline, then unhealed/healed scores per model, strategy and n."""
+    if df.empty:
+        return "no results yet"
+    df = conformed(df)
+    ok = df[df["status"] == "finished"]
+    metrics = [m for m in SUMMARY_METRICS if has_values(ok[m])]
+    cols = ["model", "strategy", "n", "fraction_removed", "stage", "heal_lr", "heal_rank"] + metrics
+    view = ok[cols].sort_values(["model", "stage", "strategy", "n"], kind="stable")
+    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.float_format", "{:.4f}".format):
+        text = view.to_string(index=False)
+    other = df[df["status"] != "finished"]
+    if len(other):
+        text += f"\n{len(other)} cell(s) not finished: " + ", ".join(
+            f"{s}={c}" for s, c in Counter(other["status"]).items())
+    return text
+
+
+def status_report(uri: str) -> str:
+    """Per model: cells expected, finished, stopped early, failed (each with its error) and not run;
+    then the result files that could not be read."""
+    storage = Storage(uri)
+    record = read_experiment_record(storage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # corrupt files are listed below; counts need only the record's cell ids
+        df = load_results(uri)
+        expected = expected_cells(record)
+    if record is None:
+        lines = [f"{uri}: no experiment record (not a ray-prune sweep, or it never started)"]
+    else:
+        lines = [f"experiment {record['name']} at {storage.uri}"]
+    missing = missing_cells(df, expected)
+    failed = missing[missing["state"] == "failed"]
+    for s in cell_status(df, expected).to_dict("records"):
+        lines.append(f"  {s['model']}: {s['expected']} cells: {s['finished']} finished, {s['stopped early']} "
+                     f"stopped early, {s['failed']} failed, {s['not run']} not run")
+        for _, r in failed[failed["model"] == s["model"]].iterrows():
+            n = int(r["n"]) if pd.notna(r["n"]) else "?"
+            lines.append(f"    failed {r['cell_id']} (n={n}, {r['strategy']}): {r['error']}")
+    corrupt = df.attrs.get("corrupt_files", [])
+    if corrupt:
+        lines.append(f"  {len(corrupt)} corrupt result file(s), skipped (their cells will be rerun):")
+        lines.extend(f"    {p}" for p in corrupt)
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Expand an experiment into cells, each with an id that hashes everything that shapes its result.
+
+The id is the ledger key: a rerun skips every cell whose id already has a
+finished row, and adding a fraction or a model adds only new ids. The code
+version is recorded in every row but deliberately left out of the id, so an
+upgrade of ray-prune does not invalidate a week of GPU time; so is any heal
+setting whose ``identity`` metadata says it does not change the result, and a
+setting added later enters the id only once it is set away from its default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ray_prune.core.bundled import BUNDLED
+from ray_prune.core.heal.config import HealConfig
+from ray_prune.core.select import check_n, n_from_fraction
+from ray_prune.errors import UserError
+from ray_prune.ledger.layout import stable_hash
+from ray_prune.sweep.experiment import Experiment, ModelSpec
+
+_DEFAULTS = HealConfig.defaults()
+
+
+@dataclass
+class Cell:
+    """One trial: a pruned model, healed with one setting, evaluated before and after."""
+
+    experiment: str
+    model: str
+    trust_remote_code: bool
+    num_layers: int
+    fraction: float
+    n: int
+    strategy: str
+    seed: int
+    heal: dict[str, Any]  # the experiment's heal section at this grid point (HealConfig settings + enabled)
+    calibration: dict[str, Any]
+    eval: dict[str, Any]
+    dtype: str
+    cell_id: str = ""
+    unhealed_id: str = ""
+    owns_unhealed: bool = False  # one cell per pruned model evaluates it unhealed
+    removed_layers: list[int] = field(default_factory=list)  # filled in once the model is profiled
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def heals(self) -> bool:
+        return bool(self.heal.get("enabled", True))
+
+    def heal_config(self) -> HealConfig:
+        """The HealConfig this cell trains with: its heal settings, its seed, the experiment's dtype."""
+        names = {f.name for f in HealConfig.settings()}
+        return HealConfig(**{k: v for k, v in self.heal.items() if k in names}, seed=self.seed, dtype=self.dtype)
+
+
+def heal_identity(point: dict[str, Any]) -> dict[str, Any]:
+    """The part of a heal point that names a cell (see the module docstring and ``HealConfig``'s metadata)."""
+    out = {"enabled": point.get("enabled", True)}
+    for f in HealConfig.settings():
+        rule = f.metadata["identity"]
+        if rule == "always" or (rule == "if_changed" and point.get(f.name, f.default) != _DEFAULTS[f.name]):
+            out[f.name] = point.get(f.name, f.default)
+    return out
+
+
+def baseline_id(exp: Experiment, model: str) -> str:
+    """The id of a model's unpruned baseline row: shared by every cell of that model."""
+    return stable_hash({"baseline": model, "eval": exp.eval.model_dump(), "dtype": exp.dtype})
+
+
+def model_num_layers(spec: ModelSpec) -> int:
+    """L from the config alone (no weights), so grids are checked before anything heavy runs."""
+    if spec.name in BUNDLED:
+        return BUNDLED[spec.name].num_layers
+    from transformers import AutoConfig
+
+    from ray_prune.core.architecture import family_of
+    from ray_prune.core.models import resolve
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(spec.name), trust_remote_code=spec.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot read the config of model {spec.name!r}: {str(e).splitlines()[0]}",
+                        "check the hub id or local path (and HF_TOKEN for gated models)") from None
+    family_of(config)
+    return int(config.num_hidden_layers)
+
+
+def _n_of(fraction: float, spec: ModelSpec, L: int) -> int:
+    try:
+        n = n_from_fraction(fraction, L)
+    except UserError:
+        raise UserError(f"fraction {fraction} of {spec.name}'s {L} layers rounds to n={round(fraction * L)}, "
+                        f"which leaves no layer", "use fractions below 1 - 0.5/L") from None
+    check_n(n, L)
+    return n
+
+
+def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
+    """All cells of the grid, deduplicated (two fractions that round to the same n are one cell)."""
+    cells: dict[str, Cell] = {}
+    owners: set[str] = set()
+    calibration = exp.calibration.model_dump()
+    evaluation = exp.eval.model_dump()
+    for spec in exp.models:
+        L = num_layers[spec.name]
+        for fraction in exp.fraction_values():
+            n = _n_of(fraction, spec, L)
+            for strategy in exp.strategies:
+                prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation, "dtype": exp.dtype,
+                             "calibration": calibration if strategy == "similarity" and n > 0 else None}
+                unhealed_id = stable_hash(prune_key)
+                for heal in exp.heal_points(spec):
+                    for seed in exp.seeds:
+                        cell_id = stable_hash({**prune_key, "heal": heal_identity(heal), "seed": seed})
+                        if cell_id in cells:
+                            continue
+                        cells[cell_id] = Cell(
+                            experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code,
+                            num_layers=L, fraction=fraction, n=n, strategy=strategy, seed=seed, heal=heal,
+                            calibration=calibration, eval=evaluation, dtype=exp.dtype, cell_id=cell_id,
+                            unhealed_id=unhealed_id, owns_unhealed=unhealed_id not in owners)
+                        owners.add(unhealed_id)
+    if not cells:
+        raise UserError("the experiment's grid is empty", "list at least one model, fraction and strategy")
+    return list(cells.values())

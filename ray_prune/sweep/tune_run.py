@@ -1,0 +1,87 @@
+"""Stage 2: the Ray Tune grid of cells, one trial each, with ASHA within each pruned model.
+
+This is the only module that talks to Tune from inside a trial
+(``tune.report``, ``tune.get_checkpoint``); the trial itself is
+``trial.run_cell``, a recipe over the pure core.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ray_prune.ledger.storage import Storage
+from ray_prune.sweep.experiment import Experiment
+from ray_prune.sweep.trial import TrialSpec, run_cell
+
+
+def report_to_tune(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    """A heal report to Tune, with the heal checkpoint a retry resumes from."""
+    from ray import tune
+
+    if checkpoint_dir:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    else:
+        tune.report(metrics)
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """The Tune function trainable: a thin shell around ``trial.run_cell``."""
+    import torch
+    from ray import tune
+
+    spec: TrialSpec = config["run"]
+    torch.set_num_threads(max(1, spec.threads))
+    checkpoint = tune.get_checkpoint()
+    resume = checkpoint.to_directory() if checkpoint is not None else None
+    if spec.do_unhealed and Storage(spec.storage_uri).exists(_unhealed_path(spec)):
+        spec = TrialSpec(**{**spec.__dict__, "do_unhealed": False})  # a retry: the unhealed row is already there
+    run_cell(spec, report=report_to_tune, resume_from=resume)
+
+
+def _unhealed_path(spec: TrialSpec) -> str:
+    from ray_prune.ledger.layout import row_path
+
+    return row_path(spec.cell.model, spec.cell.unhealed_id, "unhealed")
+
+
+def _scheduler(exp: Experiment, specs: list[TrialSpec]):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from ray_prune.sweep.scheduler import GroupedASHA
+
+    if exp.scheduler.type != "asha":
+        return FIFOScheduler()
+    max_steps = max(s.cell.heal["steps"] for s in specs)
+    # max_t one past the last step: ASHA stops any trial that reaches max_t, which would cut off the healed eval.
+    return GroupedASHA(group_of=lambda cfg: f"{cfg['run'].cell.unhealed_id}:{cfg['run'].cell.seed}",
+                       time_attr="heal_step", metric="loss_ratio", mode="min", max_t=max_steps + 1,
+                       grace_period=min(exp.scheduler.grace_period, max_steps),
+                       reduction_factor=exp.scheduler.reduction_factor)
+
+
+def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: float, cpus: int, callbacks: list):
+    """Fit the grid; returns Tune's ResultGrid."""
+    from ray import tune
+
+    from ray_prune.ledger.layout import TUNE
+
+    # Tune snapshots its state at every checkpoint; that is wanted here, and its warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 Tune then prints nothing: our view instead
+    tune_root = store.local_path(TUNE)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
+        param_space={"run": tune.grid_search(specs)},
+        tune_config=tune.TuneConfig(scheduler=_scheduler(exp, specs),
+                                    max_concurrent_trials=exp.resources.max_concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(tune_root) if tune_root is not None else store.path(TUNE),
+            storage_filesystem=None if tune_root is not None else store.fs,
+            failure_config=tune.FailureConfig(max_failures=exp.resources.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks, verbose=0),
+    )
+    return tuner.fit()

@@ -1,0 +1,195 @@
+"""Experiment files: every bad input fails before any model loads, names the field and the fix, and writes nothing."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO, tiny_model
+from ray_prune.errors import UserError
+from ray_prune.sweep.experiment import load_experiment, parse_experiment
+from ray_prune.sweep.grid import expand
+
+GOOD = {
+    "name": "t",
+    "models": ["smollm2-135m"],
+    "fractions": [0.1, 0.2],
+    "strategies": ["similarity", "deepest"],
+    "calibration": {"samples": 8, "batch_size": 4},
+    "heal": {"steps": 2},
+    "eval": {"tasks": {"boolq": {"limit": 2}}},
+}
+
+
+def _with(path: str, value):
+    spec = copy.deepcopy(GOOD)
+    keys = path.split(".")
+    node = spec
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return spec
+
+
+def _without(key: str):
+    spec = copy.deepcopy(GOOD)
+    del spec[key]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory, tokenizer):
+    """A model of an architecture we cannot prune, saved as a real HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("odd")
+    cfg = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "gpt2-tiny")
+    tiny_model("llama", num_layers=4).save_pretrained(root / "llama-tiny")
+    tokenizer.save_pretrained(root / "llama-tiny")
+    _bad_mirrors(root)
+    (root / "pickled").mkdir()
+    (root / "pickled" / "config.json").write_bytes((root / "llama-tiny" / "config.json").read_bytes())
+    (root / "pickled" / "pytorch_model.bin").write_bytes(b"a pickle that must never be loaded")
+    return root
+
+
+def _bad_mirrors(root: Path) -> None:
+    """Local data mirrors with one defect each; the good parts link to the real mirror."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    real = Path(os.environ["RAY_PRUNE_DATA_DIR"])
+    texts = pq.read_table(real / "c4" / "train_sample.parquet").column("text").to_pylist()
+    c4 = {
+        "non-utf8": pa.table({"text": pa.array([t.encode() for t in texts[:50]] + [b"caf\xe9 au lait"] * 3,
+                                               pa.binary())}),
+        "empty": pa.table({"text": ["", "   ", "\n"] * 20}),
+        "no-text-column": pa.table({"body": texts[:10]}),
+    }
+    for name, table in c4.items():
+        (root / f"data-{name}" / "c4").mkdir(parents=True)
+        pq.write_table(table, root / f"data-{name}" / "c4" / "train_sample.parquet")
+    (root / "data-corrupt" / "c4").mkdir(parents=True)
+    (root / "data-corrupt" / "c4" / "train_sample.parquet").write_bytes(b"PAR1 not really parquet")
+    (root / "data-no-c4").mkdir()
+    (root / "data-no-boolq").mkdir()
+    (root / "data-no-boolq" / "c4").symlink_to(real / "c4")
+
+
+def _data(name: str):
+    return lambda odd: _with("data_dir", str(odd / f"data-{name}"))
+
+
+# (case id, spec or callable(odd_models) -> spec, pattern the message must contain)
+CASES = [
+    ("typo-top-level", _with("fractionz", [0.1]), r"fractionz: unknown key \(did you mean 'fractions'\?\)"),
+    ("typo-nested", _with("heal.stepz", 3), r"heal.stepz: unknown key \(did you mean 'steps'\?\)"),
+    ("typo-calibration", _with("calibration.sample", 8), r"calibration.sample: unknown key"),
+    ("fraction-one", _with("fractions", [0.1, 1.0]), r"fractions: fractions \[1.0\] are outside \[0, 1\)"),
+    ("fraction-negative", _with("fractions", [-0.1]), r"outside \[0, 1\)"),
+    ("fraction-range-empty", _with("fractions", {"start": 0.5, "stop": 0.1, "step": 0.1}), r"fraction grid is empty"),
+    ("fractions-empty", _with("fractions", []), r"fraction grid is empty"),
+    ("n-equals-L", _with("fractions", [0.99]), r"rounds to n=30.*leaves no layer"),
+    ("unknown-strategy", _with("strategies", ["random"]), r"strategies.0: Input should be 'similarity' or 'deepest'"),
+    ("no-strategies", _with("strategies", []), r"strategies: List should have at least 1 item"),
+    ("unknown-metric", _with("calibration.metric", "cosine"), r"calibration.metric: Input should be"),
+    ("unknown-task", _with("eval.tasks", {"mmlu_pro": {}}), r"unknown task 'mmlu_pro' \(did you mean 'mmlu'\?\)"),
+    ("local-fewshot-boolq", _with("eval.tasks", {"boolq": {"shots": 3}}), r"boolq"),
+    ("batch-over-samples", _with("calibration", {"samples": 4, "batch_size": 8}),
+     r"batch_size 8 is larger than the calibration set"),
+    ("negative-lr", _with("heal.lr", -1e-4), r"heal: Value error, lr must be > 0|lr must be > 0"),
+    ("empty-lr-grid", _with("heal.lr", []), r"lr is an empty list"),
+    ("no-models", _with("models", []), r"models: List should have at least 1 item"),
+    ("models-missing", _without("models"), r"models: required key is missing"),
+    ("fractions-missing", _without("fractions"), r"fractions: required key is missing"),
+    ("bad-name", _with("name", "a/b"), r"name: String should match pattern"),
+    ("no-seeds", _with("seeds", []), r"seeds: List should have at least 1 item"),
+    ("bad-reduction-factor", _with("scheduler.reduction_factor", 1), r"scheduler.reduction_factor"),
+    ("unknown-model", _with("models", ["not-a-model"]), r"unknown model 'not-a-model'"),
+    ("missing-data-dir", _with("data_dir", "/nonexistent/data"), r"data dir /nonexistent/data does not exist"),
+    ("per-model-heal-typo", _with("models", [{"name": "smollm2-135m", "heal": {"rnak": 4}}]),
+     r"unknown heal keys \['rnak'\]"),
+    ("unsupported-architecture", lambda odd: _with("models", [str(odd / "gpt2-tiny")]),
+     r"unsupported architecture 'gpt2'"),
+    ("lora-target-missing", lambda odd: _with("heal.target", ["nope_proj"]) | {"models": [str(odd / "llama-tiny")]},
+     r"heal.target .* LoRA target module\(s\) nope_proj not found"),
+    ("not-a-directory-model", lambda odd: _with("models", [str(odd)]), r"is not a Hugging Face model directory"),
+    ("pickled-weights", lambda odd: _with("models", [str(odd / "pickled")]),
+     r"holds only pickled weights \(pytorch_model.bin\); ray-prune never unpickles"),
+    ("calibration-larger-than-corpus", _with("calibration", {"samples": 5000, "batch_size": 8}),
+     r"holds \d+ usable calibration documents .* 5000 needed"),
+    ("non-utf8-text", _data("non-utf8"), r"row 50 of .*c4/train_sample.parquet \('text'\) is not UTF-8 text"),
+    ("empty-text", _data("empty"), r"holds 0 usable calibration documents \(60 empty documents skipped\)"),
+    ("no-text-column", _data("no-text-column"), r"has no column 'text'"),
+    ("corrupt-data-file", _data("corrupt"), r"cannot be read as Parquet"),
+    ("missing-data-file", _data("no-c4"), r"data file .*c4/train_sample.parquet is missing"),
+    ("missing-task-file", _data("no-boolq"), r"data file .*boolq/validation.parquet is missing"),
+]
+
+
+@pytest.mark.parametrize("case,spec,pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_experiment_fails_early_and_writes_nothing(case, spec, pattern, odd_models, tmp_path):
+    from ray_prune.sweep.plan import plan
+
+    if callable(spec):
+        spec = spec(odd_models)
+    storage = tmp_path / "store"
+    with pytest.raises(UserError, match=pattern) as err:
+        plan(parse_experiment(spec, "exp.yaml"), str(storage))
+    assert err.value.fix, "every message carries a fix"
+    assert not list(storage.rglob("*.parquet")) and not (storage / "experiment.json").exists()
+
+
+def test_unwritable_storage(tmp_path):
+    from ray_prune.sweep.plan import plan
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="is not writable"):
+        plan(parse_experiment(GOOD), str(blocker / "sub"))
+
+
+def test_yaml_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a YAML mapping"):
+        load_experiment(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_experiment(tmp_path / "broken.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_experiment(tmp_path / "latin1.yaml")
+    with pytest.raises(UserError, match="does not exist"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiments_are_valid(path: Path):
+    exp = load_experiment(path)
+    layers = {m.name: {"smollm2-135m": 30, "gemma3-270m": 18}.get(m.name, 32) for m in exp.models}
+    cells = expand(exp, layers)
+    assert cells and len({c.cell_id for c in cells}) == len(cells)
+    assert yaml.safe_load(path.read_text())["name"] == exp.name
+
+
+def test_smoke_grid_shape():
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml")
+    cells = expand(exp, {"smollm2-135m": 30, "gemma3-270m": 18})
+    assert len(cells) == 2 * 3 * 2
+    small = load_experiment(REPO / "experiments" / "small_models.yaml")
+    assert small.fraction_values()[0] == 0.0 and small.fraction_values()[-1] == pytest.approx(0.7)
+    assert len(small.fraction_values()) == 15
+
+
+def test_cell_hash_is_stable_and_extension_only_adds():
+    exp = parse_experiment(GOOD)
+    a = {c.cell_id for c in expand(exp, {"smollm2-135m": 30})}
+    b = {c.cell_id for c in expand(parse_experiment(_with("fractions", [0.1, 0.2, 0.3])), {"smollm2-135m": 30})}
+    assert a < b and len(b - a) == 2
+    assert a == {c.cell_id for c in expand(parse_experiment(GOOD), {"smollm2-135m": 30})}

@@ -1,0 +1,170 @@
+"""Sweeps on real local Ray with a tiny real model: grid, ledger, resume, extension, failures, ASHA.
+
+One Ray instance serves the whole module (ray.init costs ~5 s on 2 cores).
+The model is a random-init 6-layer Llama saved as an ordinary HF directory with
+SmolLM2's tokenizer, so trials spend their time in Ray and our code, not in
+matmuls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import save_tiny_models, tiny_spec
+from ray_prune.errors import UserError
+from ray_prune.sweep.experiment import parse_experiment
+from ray_prune.ledger.rows import load_results
+import faults
+from faults import FAULT_ENV
+
+FAULTY = "faulty"  # any model path containing this raises in the heal stage (tests/faults.py)
+SENTINEL = "hf_SENTINEL-not-a-real-token-4f2a9c"  # a fake HF_TOKEN that must never reach storage
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tokenizer):
+    return save_tiny_models(tmp_path_factory.mktemp("models"), ["tiny-llama", f"tiny-{FAULTY}", "tiny-other"],
+                            tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    yield from faults.local_ray(**{FAULT_ENV: f"{FAULTY}:heal", "HF_TOKEN": SENTINEL})
+
+
+def _experiment(models_dir, name="grid", **over):
+    over.setdefault("models", [str(models_dir / "tiny-llama")])
+    return parse_experiment(tiny_spec(name=name, **over))
+
+
+def _run(exp, storage, **kw):
+    from ray_prune.sweep.run import run_sweep
+
+    return run_sweep(exp, storage=str(storage), progress=False, **kw)
+
+
+def test_grid_runs_resumes_and_extends(ray_local, models_dir, tmp_path):
+    storage = tmp_path / "store"
+    df = _run(_experiment(models_dir), storage)
+    healed = df[df["stage"] == "healed"]
+    assert len(healed) == 4 and set(healed["status"]) == {"finished"}
+    assert sorted(zip(healed["strategy"], healed["n"])) == [("deepest", 1), ("deepest", 3),
+                                                            ("similarity", 1), ("similarity", 3)]
+    assert len(df[df["stage"] == "unhealed"]) == 4 and len(df[df["stage"] == "baseline"]) == 1
+    deep3 = healed[(healed["strategy"] == "deepest") & (healed["n"] == 3)].iloc[0]
+    assert list(deep3["removed_layers"]) == [2, 3, 4]  # the final layer (5) is kept
+    for col in ("boolq_acc", "boolq_acc_stderr", "c4_loss", "c4_loss_norm", "tokens_seen", "wall_s", "loss_ratio"):
+        assert healed[col].notna().all(), col
+    assert (healed["tokens_seen"] == 4 * 2 * 32).all()
+    assert len(list((storage / "tables").glob("*.parquet"))) == 1
+
+    # Round trip through pandas, and a rerun that finds everything done adds nothing.
+    files = sorted((storage / "results").rglob("*.parquet"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = _run(_experiment(models_dir), storage)
+    assert sorted((storage / "results").rglob("*.parquet")) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert len(again) == len(df) and not again.duplicated(["cell_id", "stage"]).any()
+
+    # One more fraction: only its two cells (and their unhealed rows) run.
+    more = _run(_experiment(models_dir, fractions=[0.2, 0.5, 0.7]), storage)
+    assert len(more[more["stage"] == "healed"]) == 6
+    assert sorted(more[more["n"] == 4]["stage"]) == ["healed", "healed", "unhealed", "unhealed"]
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # nothing old was rewritten
+    assert not more.duplicated(["cell_id", "stage"]).any()
+
+    # The token in the environment reaches no result, table, Tune state, log or checkpoint.
+    leaked = [p for p in storage.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+def test_failing_trial_is_retried_then_recorded(ray_local, models_dir, tmp_path):
+    exp = _experiment(models_dir, name="faults", models=[str(models_dir / "tiny-llama"),
+                                                         str(models_dir / f"tiny-{FAULTY}")],
+                      fractions=[0.5], strategies=["deepest"])
+    df = _run(exp, tmp_path / "s")
+    healed = df[df["stage"] == "healed"].set_index("model")
+    good = healed.loc[str(models_dir / "tiny-llama")]
+    bad = healed.loc[str(models_dir / f"tiny-{FAULTY}")]
+    assert good["status"] == "finished"
+    assert bad["status"] == "failed" and "injected fault" in bad["error"]
+    assert bad["attempts"] == 2  # the first try and max_failures=1 retry
+    # The unhealed stage of the failing cell finished before the fault and is kept.
+    assert len(df[(df["stage"] == "unhealed") & (df["model"] == str(models_dir / f"tiny-{FAULTY}"))]) == 1
+
+
+def test_asha_stops_weak_heal_settings(ray_local, models_dir, tmp_path):
+    """Four learning rates compete for one pruned model; a second model with one bad setting is never stopped,
+    because ASHA ranks heal settings only within the same pruned model."""
+    heal = {"steps": 8, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
+            "quantize": "none", "lr": [3e-2, 1e-9, 2e-9, 3e-9]}
+    lone = {"name": str(models_dir / "tiny-other"), "heal": {"lr": 1e-9}}
+    exp = _experiment(models_dir, name="asha", fractions=[0.5], strategies=["deepest"], heal=heal,
+                      models=[str(models_dir / "tiny-llama"), lone],
+                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                      eval={"tasks": {}, "c4_sequences": 0, "seq_len": 32, "batch_size": 4, "unhealed": False},
+                      resources={"cpus_per_trial": 2, "max_failures": 0})
+    df = _run(exp, tmp_path / "s")
+    alone = df[(df["stage"] == "healed") & (df["model"] == lone["name"])]
+    assert len(alone) == 1 and alone["status"].iloc[0] == "finished"
+    healed = df[(df["stage"] == "healed") & (df["model"] == str(models_dir / "tiny-llama"))]
+    assert len(healed) == 4
+    assert (healed["status"] == "stopped").sum() >= 1
+    best = healed.loc[healed["heal_lr"].idxmax()]
+    assert best["status"] == "finished"
+    stopped = healed[healed["status"] == "stopped"]
+    assert (stopped["steps_done"] < 8).all()
+
+
+def test_gpu_request_on_a_cpu_cluster_is_refused(ray_local, models_dir, tmp_path):
+    exp = _experiment(models_dir, name="gpu", resources={"gpus_per_trial": 1})
+    with pytest.raises(UserError, match="wait forever"):
+        _run(exp, tmp_path / "s")
+    assert not list((tmp_path / "s").rglob("*.parquet"))
+
+
+def test_storage_of_another_experiment_is_refused(ray_local, models_dir, tmp_path):
+    from ray_prune.ledger.rows import save_experiment_record
+    from ray_prune.ledger.storage import Storage
+
+    save_experiment_record(Storage(str(tmp_path / "s")), "someone-else", {})
+    with pytest.raises(UserError, match="holds results of experiment 'someone-else'"):
+        _run(_experiment(models_dir), tmp_path / "s")
+
+
+def test_second_sweep_on_the_same_storage_is_refused(tmp_path):
+    import json
+    import time
+
+    from ray_prune.ledger.layout import LOCK
+    from ray_prune.sweep.lock import SweepLock
+    from ray_prune.ledger.storage import Storage
+
+    s = Storage(str(tmp_path))
+    with SweepLock(s, heartbeat=0.1):
+        with pytest.raises(UserError, match="another sweep .* is running"):
+            SweepLock(s).acquire()
+    assert not (tmp_path / LOCK).exists()  # released
+    # A lock left by a driver killed with SIGKILL goes stale and is taken over.
+    (tmp_path / LOCK).write_text(json.dumps({"token": "dead", "host": "h", "pid": 1, "beat": time.time() - 3600}))
+    lock = SweepLock(s, stale_after=600).acquire()
+    assert lock.took_over["token"] == "dead"
+    lock.release()
+    # A fresh lock of a process of this host that is gone (SIGKILLed driver) is taken over at once ...
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / LOCK).write_text(json.dumps({"token": "killed", "host": socket.gethostname(), "pid": gone.pid,
+                                             "beat": time.time()}))
+    lock = SweepLock(s, stale_after=600).acquire()
+    assert lock.took_over["token"] == "killed"
+    lock.release()
+    # ... but not one of a live process on this host, however it got there.
+    (tmp_path / LOCK).write_text(json.dumps({"token": "alive", "host": socket.gethostname(), "pid": os.getppid(),
+                                             "beat": time.time()}))
+    with pytest.raises(UserError, match="another sweep"):
+        SweepLock(s, stale_after=600).acquire()
