@@ -28,6 +28,7 @@ ROOT = HERE.parent
 # what it measures; each prints its ratio, its target and whether it is met).
 COMMANDS = [
     ["benchmarks/profile_cost.py", "--samples", "8", "--max-length", "128", "--repeats", "3", "--per-n-passes", "3"],
+    ["benchmarks/streamed_profile.py", "--samples", "16", "--max-length", "256", "--batch-size", "8", "--repeats", "2"],
     ["benchmarks/pruned_inference.py", "--batch", "2", "--seq-len", "128", "--prompt", "32", "--new-tokens", "16",
      "--repeats", "3"],
     ["benchmarks/heal_throughput.py", "--steps", "6", "--batch", "2", "--seq-len", "128", "--repeats", "3"],

@@ -54,3 +54,28 @@ def gemma3():
     from ray_prune.core.models import load_model
 
     return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, tokenizer) -> Path:
+    """The storage root of one real tiny sweep on local Ray (its own Ray, stopped before the fixture returns):
+    a random-init 6-layer Llama, 2 fractions x 2 strategies, 2 heal steps. Read-only for the tests that use it."""
+    import ray
+
+    from helpers import save_tiny_models, tiny_spec
+    from ray_prune.sweep.experiment import parse_experiment
+    from ray_prune.sweep.run import run_sweep
+
+    root = tmp_path_factory.mktemp("tiny-sweep")
+    save_tiny_models(root, ["tiny-llama"], tokenizer)
+    exp = parse_experiment(tiny_spec(
+        [str(root / "tiny-llama")], name="report",
+        heal={"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
+              "quantize": "none"},
+        resources={"cpus_per_trial": 1, "max_failures": 0}))
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        run_sweep(exp, storage=str(root / "store"), progress=False)
+    finally:
+        ray.shutdown()
+    return root / "store"

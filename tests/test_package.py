@@ -15,7 +15,7 @@ from helpers import REPO
 
 PUBLIC = ["load_model", "load_tokenizer", "load_texts", "profile", "DistanceTable", "optimal_starts",
           "layers_to_remove", "n_from_fraction", "prune_layers", "HealConfig", "heal", "evaluate", "load_results",
-          "UserError"]
+          "mergekit_config", "write_mergekit_config", "UserError"]
 
 # Functions kept longer than ~60 lines because they read better whole: name -> why. None today.
 LONG_FUNCTIONS: dict[str, str] = {}

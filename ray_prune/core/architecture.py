@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ray_prune.errors import UserError
@@ -107,7 +106,3 @@ def ffn_modules(model: nn.Module) -> list[str]:
 
 def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
-
-
-def input_device(model: nn.Module) -> torch.device:
-    return next(_unwrap(model).parameters()).device

@@ -4,11 +4,18 @@ Real users read from the Hugging Face hub. Air-gapped machines (and our CI)
 point ``--data-dir`` or ``$RAY_PRUNE_DATA_DIR`` at a folder laid out as
 ``<dataset>/<split>.parquet``; every dataset name below then maps to a file.
 
-C4 serves three roles that must never share a document: calibration (the
-distance profile), healing (training) and validation (the loss we report).
-Each document goes to exactly one role by a hash of its text, so the split is
-disjoint by construction, stable across runs and machines, and independent of
-the order or the number of documents read.
+C4 serves four roles that must never share a document: calibration (the
+distance profile), heal (training), selection (the heal validation loss, which
+ASHA and the report use to pick heal settings) and test (the C4 loss that rows
+report). Each document goes to exactly one role by a hash of its text, so the
+split is disjoint by construction, stable across runs and machines, and
+independent of the order or the number of documents read. Keeping the loss we
+report apart from the one settings are chosen on keeps the reported healed loss
+honest in sweeps with several heal settings.
+
+Every reader takes documents in order and stops as soon as it has what it
+needs (:func:`iter_role`), so a streamed hub corpus of hundreds of millions of
+documents costs only the rows a run uses; ``RowCount`` counts them.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ from ray_prune.errors import UserError
 
 DATA_DIR_ENV = "RAY_PRUNE_DATA_DIR"
 
-Role = Literal["calibration", "heal", "validation"]
-ROLES: tuple[Role, ...] = ("calibration", "heal", "validation")
-# Percent of hash buckets per role: [0, 10) validation, [10, 30) calibration, [30, 100) heal.
+Role = Literal["calibration", "heal", "selection", "test"]
+ROLES: tuple[Role, ...] = ("calibration", "heal", "selection", "test")
+# Percent of hash buckets per role. test is the bucket range the reported loss always used ([0, 10), then
+# called "validation"), calibration is unchanged, and selection is carved out of what was heal's share.
 _ROLE_BUCKETS: dict[str, range] = {
-    "validation": range(0, 10),
+    "test": range(0, 10),
     "calibration": range(10, 30),
-    "heal": range(30, 100),
+    "selection": range(30, 40),
+    "heal": range(40, 100),
 }
 
 
@@ -37,11 +46,26 @@ _ROLE_BUCKETS: dict[str, range] = {
 class TextSource:
     """A text corpus: its hub coordinates and its local mirror's file."""
 
-    hub_path: str
+    hub_path: str  # a hub dataset id, or a local folder or script datasets.load_dataset streams the same way
     hub_name: str | None
     hub_split: str
     local_file: str  # relative to the data dir
     text_field: str = "text"
+
+    def streamed_from(self, path: str, name: str | None = None, split: str = "train",
+                      text_field: str = "text") -> "TextSource":
+        """The same corpus streamed from elsewhere (a private mirror, a local folder of Parquet or JSON files)."""
+        return TextSource(path, name, split, self.local_file, text_field)
+
+
+class RowCount:
+    """Rows a reader pulled from its source, by role (every row counts, whichever role it belongs to)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    def add(self, role: str, n: int = 1) -> None:
+        self.rows[role] = self.rows.get(role, 0) + n
 
 
 TEXT_SOURCES: dict[str, TextSource] = {
@@ -116,7 +140,7 @@ def check_texts(needs: dict[Role, int], dataset: str = "c4", data_dir_path: str 
     root = data_dir(data_dir_path)
     if root is None:
         return {}
-    counts = {"calibration": 0, "heal": 0, "validation": 0, "empty": 0}
+    counts = {**{role: 0 for role in ROLES}, "empty": 0}
     for text in _local_texts(TEXT_SOURCES[dataset], root):
         if not _usable(text):
             counts["empty"] += 1
@@ -148,8 +172,6 @@ def role_of(text: str) -> Role:
 
 def _iter_texts(source: TextSource, root: Path | None) -> Iterator[str]:
     if root is not None:
-        import pyarrow.parquet as pq
-
         yield from _local_texts(source, root)
         return
     import datasets
@@ -163,86 +185,51 @@ def _iter_texts(source: TextSource, root: Path | None) -> Iterator[str]:
                         f"check the network, or point --data-dir / ${DATA_DIR_ENV} at a local Parquet mirror") from None
 
 
+def iter_role(role: Role, dataset: str = "c4", data_dir_path: str | os.PathLike | None = None,
+              source: TextSource | None = None, count: RowCount | None = None) -> Iterator[str]:
+    """The usable documents of ``role``, in source order, read lazily: stop iterating and reading stops.
+
+    ``source`` replaces where ``dataset`` streams from (the local mirror, when a data dir is set, wins).
+    """
+    if dataset not in TEXT_SOURCES:
+        raise UserError(f"unknown text dataset {dataset!r}", f"use one of {', '.join(TEXT_SOURCES)}")
+    if role not in ROLES:
+        raise UserError(f"unknown data role {role!r}", f"use one of {', '.join(ROLES)}")
+    root = data_dir(data_dir_path)
+    for text in _iter_texts(source or TEXT_SOURCES[dataset], root):
+        if count is not None:
+            count.add(role)
+        if _usable(text) and role_of(text) == role:
+            yield text
+
+
 def load_texts(
     role: Role,
     n: int | None = None,
     dataset: str = "c4",
     data_dir_path: str | os.PathLike | None = None,
+    source: TextSource | None = None,
 ) -> list[str]:
-    """The first ``n`` usable documents of ``dataset`` that belong to ``role``.
+    """The first ``n`` usable documents of ``dataset`` that belong to ``role`` (all of them for None).
 
     Empty and whitespace-only documents are skipped. Asking for more documents
     than the source holds is an error, not a silent shortfall.
     """
-    out, root = _take(role, n, dataset, data_dir_path)
+    if n is not None and n < 1:
+        raise UserError(f"asked for {n} documents", "ask for at least 1")
+    out: list[str] = []
+    for text in iter_role(role, dataset, data_dir_path, source):
+        out.append(text)
+        if n is not None and len(out) >= n:
+            break
     if not out or (n is not None and len(out) < n):
-        where = root if root is not None else TEXT_SOURCES[dataset].hub_path
+        root = data_dir(data_dir_path)
+        where = root if root is not None else (source or TEXT_SOURCES[dataset]).hub_path
         raise UserError(
             f"{dataset} ({where}) holds {len(out)} usable {role} documents, {n} were asked for",
             "ask for fewer samples or use a larger corpus",
         )
     return out
-
-
-def _take(role: Role, n: int | None, dataset: str, data_dir_path) -> tuple[list[str], Path | None]:
-    """Up to ``n`` usable documents of a role (all of them for None), and the mirror they came from."""
-    if dataset not in TEXT_SOURCES:
-        raise UserError(f"unknown text dataset {dataset!r}", f"use one of {', '.join(TEXT_SOURCES)}")
-    if role not in ROLES:
-        raise UserError(f"unknown data role {role!r}", f"use one of {', '.join(ROLES)}")
-    if n is not None and n < 1:
-        raise UserError(f"asked for {n} documents", "ask for at least 1")
-    root = data_dir(data_dir_path)
-    out: list[str] = []
-    for text in _iter_texts(TEXT_SOURCES[dataset], root):
-        if _usable(text) and role_of(text) == role:
-            out.append(text)
-            if n is not None and len(out) >= n:
-                break
-    return out, root
-
-
-# A first guess of the documents that hold a number of tokens: C4 documents average ~480 SmolLM2 tokens,
-# and 200 leaves margin for other tokenizers and short documents.
-_TOKENS_PER_DOCUMENT_GUESS = 200
-
-
-def texts_for_tokens(
-    role: Role,
-    tokens: int,
-    tokenizer=None,
-    dataset: str = "c4",
-    data_dir_path: str | os.PathLike | None = None,
-) -> list[str]:
-    """Enough documents of ``role`` to hold ``tokens`` tokens, read in order, and no more than that guess needs.
-
-    The first guess is ``tokens / 200 + 16`` documents. With a ``tokenizer``
-    the guess is checked (each document's tokens plus its EOS) and doubled until
-    it holds enough or the source runs out; a source that runs out returns all
-    it has, and packing then says how many blocks that gave. Healing and the C4
-    loss both take their text from here, so the same settings read the same
-    documents everywhere.
-    """
-    if tokens < 1:
-        raise UserError(f"asked for documents holding {tokens} tokens", "ask for at least 1 token")
-    n = tokens // _TOKENS_PER_DOCUMENT_GUESS + 16
-    while True:
-        texts, _ = _take(role, n, dataset, data_dir_path)
-        if not texts:
-            return load_texts(role, 1, dataset, data_dir_path)  # raises the usual error naming the source
-        if len(texts) < n or tokenizer is None or _holds(texts, tokenizer, tokens):
-            return texts
-        n *= 2
-
-
-def _holds(texts: list[str], tokenizer, tokens: int, chunk: int = 64) -> bool:
-    """Whether the documents hold at least ``tokens`` tokens, tokenizing only as far as needed."""
-    count = 0
-    for start in range(0, len(texts), chunk):
-        count += sum(len(ids) + 1 for ids in tokenizer(texts[start:start + chunk], verbose=False)["input_ids"])
-        if count >= tokens:
-            return True
-    return False
 
 
 def texts_hash(texts: Iterable[str], *extra: object) -> str:

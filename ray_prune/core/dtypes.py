@@ -70,3 +70,9 @@ def to_torch(dtype: "str | torch.dtype | None", device: "torch.device",
         return dtype
     attr = ALIASES[check(dtype or "auto")]
     return auto_dtype(device, purpose) if attr is None else getattr(torch, attr)
+
+
+def short_name(dtype: "torch.dtype") -> str:
+    """fp32 / bf16 / fp16 for a torch dtype: how rows name the precision they were scored in."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)

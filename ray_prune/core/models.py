@@ -126,26 +126,41 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    quantize: str = "none",
+    purpose: str = "inference",
+    spread: bool = False,
 ):
     """Return ``(model, tokenizer)`` ready for inference, in eval mode.
 
-    Only safetensors weights are read (never pickles), and remote code runs only
-    when ``trust_remote_code`` is set explicitly.
+    ``quantize="nf4"`` loads the weights straight into 4-bit NF4 (bitsandbytes, the paper's QLoRA base)
+    computing in ``dtype``: no full-precision copy is ever made, on disk or in memory, so a model of
+    twice the device's memory in bf16 still loads. ``purpose`` picks which "auto" dtype policy applies
+    (``core.dtypes``: inference or training). ``spread`` places the blocks across every visible GPU
+    (``device_map="auto"``), for a model that fits no single one: a sweep trial sees only the GPUs Ray gave it.
+    Only safetensors weights are read (never pickles), and remote code runs only when ``trust_remote_code``
+    is set explicitly.
     """
     from transformers import AutoModelForCausalLM
 
     dev = torch.device(device) if device is not None else default_device()
-    torch_dtype = dtypes.to_torch(dtype, dev, "inference")
+    torch_dtype = dtypes.to_torch(dtype, dev, purpose)  # type: ignore[arg-type]
     path = resolve(model)
+    kwargs: dict = {"device_map": "auto"} if spread else {}
+    if quantize == "nf4":
+        from ray_prune.core.heal.quantize import bnb_config
+
+        kwargs = {"quantization_config": bnb_config(torch_dtype), "device_map": {"": dev}, **kwargs}
+    elif quantize != "none":
+        raise UserError(f"quantize = {quantize!r}", "use quantize='nf4' or 'none'")
     try:
         net = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise UserError(f"could not load model {model!r}: {e}".splitlines()[0],
                         "check the name, your network or HF_TOKEN, and that the repo has safetensors weights") from e
     from ray_prune.core.architecture import family_of
 
     family_of(net)  # fail early and clearly on architectures we cannot prune
-    net.to(dev).eval()
-    return net, load_tokenizer(model, trust_remote_code)
+    if quantize == "none" and not spread:
+        net.to(dev)
+    return net.eval(), load_tokenizer(model, trust_remote_code)

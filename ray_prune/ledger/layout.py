@@ -5,11 +5,18 @@
     experiment.json                                the experiment that owns this root
     .sweep.lock                                    the running driver's lock (heartbeat)
     tables/<model>.parquet                         distance tables, one per model
-    results/<model>/<cell_id>-<stage>.parquet      one result row each
+    results/model_slug=<model>/<cell_id>-<stage>.parquet
+                                                   one result row each: a hive-partitioned Parquet dataset
+    mergekit/model_slug=<model>/<cell_id>.yaml     each cell's pruning as a mergekit passthrough config
+    adapters/model_slug=<model>/<cell_id>/         each healed cell's LoRA adapter (peft format + ray_prune.json)
+    blocks/<tokenizer>/<role>-<seq_len>x<n>.npy    packed token blocks, made once, shared by the trials
     tune/                                          Ray Tune's own trial state (logs, checkpoints)
     report/                                        ``ray-prune report`` output, for local roots
 
-Hidden names (a leading ``.``) are temp files and the lock: dataset readers skip them.
+Hidden names (a leading ``.``) are temp files and the lock: dataset readers skip them. The partition
+key is ``model_slug``, not ``model``: a hive key that is also a column of the files makes pandas refuse
+the dataset and pyarrow and DuckDB overwrite the column with the slug. Sweeps written before the
+partition (``results/<model>/...``) still load, and the next sweep on their root moves them in place.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ LOCK = ".sweep.lock"
 RESULTS = "results"
 TABLES = "tables"
 TUNE = "tune"
+MERGEKIT = "mergekit"
+ADAPTERS = "adapters"
+BLOCKS = "blocks"
 REPORT = "report"
 TMP_PREFIX = "."  # temp files are hidden: listings skip them, so a half-written file is never read as a row
 ROW_SUFFIX = ".parquet"
+PARTITION = "model_slug"  # hive key of the results dataset
 
 
 def slug(model: str) -> str:
@@ -34,7 +45,25 @@ def slug(model: str) -> str:
 
 
 def row_path(model: str, cell_id: str, stage: str) -> str:
-    return f"{RESULTS}/{slug(model)}/{cell_id}-{stage}{ROW_SUFFIX}"
+    return f"{RESULTS}/{PARTITION}={slug(model)}/{cell_id}-{stage}{ROW_SUFFIX}"
+
+
+def is_partitioned(relative: str) -> bool:
+    """Whether a row file sits in the hive layout (``results/model_slug=<slug>/...``)."""
+    parts = relative.split("/")
+    return len(parts) == 3 and parts[0] == RESULTS and parts[1].startswith(f"{PARTITION}=")
+
+
+def mergekit_path(model: str, cell_id: str) -> str:
+    return f"{MERGEKIT}/{PARTITION}={slug(model)}/{cell_id}.yaml"
+
+
+def adapter_path(model: str, cell_id: str) -> str:
+    return f"{ADAPTERS}/{PARTITION}={slug(model)}/{cell_id}"
+
+
+def blocks_path(tokenizer_key: str, role: str, seq_len: int, count: int) -> str:
+    return f"{BLOCKS}/{tokenizer_key}/{role}-{seq_len}x{count}.npy"
 
 
 def table_path(model: str) -> str:

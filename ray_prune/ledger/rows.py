@@ -1,11 +1,13 @@
 """Writing a result row, reading a sweep's rows as a DataFrame, and the experiment record.
 
 One Parquet file per (cell, stage), written atomically as each stage finishes
-(``layout.row_path``). One file per row makes every write atomic and
-idempotent: a rerun that recomputes a cell overwrites the same file, so a row
-can never be duplicated, and a crash can lose only rows not yet written. Rows
-are :data:`~ray_prune.ledger.schema.ROW_SCHEMA` tables; the columns are
-documented in ``ledger/schema.py``.
+(``layout.row_path``), in a hive partition per model (``results/model_slug=<model>/``). Every file
+has the one :data:`~ray_prune.ledger.schema.ROW_SCHEMA` (columns documented in ``ledger/schema.py``),
+so the results folder is a Parquet dataset that ``pandas.read_parquet``, ``pyarrow.dataset``, DuckDB,
+Polars and Ray Data read directly, with the same rows and values as :func:`load_results`.
+
+One file per row makes every write atomic and idempotent: a rerun that recomputes a cell overwrites
+the same file, so a row can never be duplicated, and a crash can lose only rows not yet written.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_prune.ledger.layout import EXPERIMENT_RECORD, RESULTS, ROW_SUFFIX, row_path
+from ray_prune.ledger.layout import EXPERIMENT_RECORD, RESULTS, ROW_SUFFIX, is_partitioned, row_path
 from ray_prune.ledger.schema import COLUMNS, conform, row_table
 from ray_prune.ledger.storage import Storage
 
@@ -64,6 +66,24 @@ def load_results(path: str, include_failed: bool = True):
         df = df[df["status"] != "failed"].reset_index(drop=True)
     df.attrs["corrupt_files"] = [storage.path(rel) for rel, _ in corrupt]
     return df
+
+
+def upgrade_layout(storage: Storage) -> int:
+    """Move row files of older versions (``results/<model>/``, per-file schemas) into the hive layout with the
+    declared schema, so the root is one dataset again; returns how many moved. Only under the sweep lock."""
+    moved = 0
+    for rel in storage.list_files(RESULTS, ROW_SUFFIX):
+        if is_partitioned(rel):
+            continue
+        try:
+            table = conform(storage.read_table(rel)).select(list(COLUMNS))
+        except (pa.ArrowException, OSError):
+            continue  # corrupt: left where it is, listed by load_results, its cell rerun
+        row = table.to_pylist()[0]
+        storage.write_table(row_path(row["model"], row["cell_id"], row["stage"]), table)
+        storage.delete(rel)
+        moved += 1
+    return moved
 
 
 def save_experiment_record(storage: Storage, name: str, spec: dict[str, Any]) -> None:

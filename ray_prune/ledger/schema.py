@@ -37,6 +37,7 @@ _IDENTITY = [
     ("model", pa.string()), ("trust_remote_code", pa.bool_()), ("family", pa.string()),
     ("num_layers", pa.int64()), ("n", pa.int64()), ("fraction", pa.float64()), ("fraction_removed", pa.float64()),
     ("strategy", pa.string()), ("removed_layers", pa.list_(pa.int64())),
+    ("eval_precision", pa.string()),  # what was scored: "nf4+fp32" (NF4 base computing in fp32), "bf16", ...
 ]
 _PROGRESS = [
     ("seed", pa.int64()), ("code_version", pa.string()), ("loss_ratio", pa.float64()),
@@ -44,6 +45,7 @@ _PROGRESS = [
     ("resumed_from_step", pa.int64()), ("attempts", pa.int64()),
     ("curve_step", pa.list_(pa.int64())), ("curve_val_loss", pa.list_(pa.float64())),
     ("curve_train_loss", pa.list_(pa.float64())),
+    ("adapter", pa.string()),  # healed rows: the adapter's folder under the storage root (layout.adapter_path)
 ]
 _COST = [
     ("wall_s", pa.float64()), ("load_s", pa.float64()), ("heal_s", pa.float64()), ("eval_s", pa.float64()),

@@ -3,6 +3,14 @@
 Every write is atomic: a reader sees a whole file or no file. Locally that is a
 temp file renamed into place; object stores publish an object only when its
 upload completes. Relative paths cannot climb out of the root.
+
+``s3://`` reaches AWS or any S3-compatible store (MinIO, Cloudflare R2, Ceph) with
+nothing but the environment, the same in the driver and in every Ray worker:
+pyarrow's S3 filesystem takes the endpoint from ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL`` (http or https from the URL's scheme, https without one) and
+credentials from the AWS chain (environment, ``~/.aws``, instance profile). A URI
+that carries credentials (``s3://KEY:SECRET@bucket``) is refused: storage URIs are
+recorded in Tune's trial state on the store, in logs and in the Ray dashboard.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -23,11 +32,13 @@ class Storage:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         if "://" in uri and not uri.startswith("file://"):
+            _refuse_credentials(uri)
             try:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
             except (pa.ArrowInvalid, OSError) as e:
+                fix = "use a local path, s3://bucket/prefix or gs://bucket/prefix with credentials set"
                 raise UserError(f"storage {uri!r} cannot be opened: {e}",
-                                "use a local path, s3://bucket/prefix or gs://bucket/prefix with credentials set") from None
+                                _s3_fix() if uri.startswith("s3://") else fix) from None
             self.local = False
         else:
             root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
@@ -53,8 +64,9 @@ class Storage:
             self.write_bytes(probe, b"ok")
             self.fs.delete_file(self.path(probe))
         except (OSError, pa.ArrowException) as e:
+            fix = "choose a storage path you can write to (--storage), or fix its permissions/credentials"
             raise UserError(f"storage {self.uri} is not writable: {e}",
-                            "choose a storage path you can write to (--storage), or fix its permissions/credentials") from None
+                            _s3_fix() if self.uri.startswith("s3://") else fix) from None
 
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
@@ -126,3 +138,27 @@ class Storage:
 
     def local_path(self, relative: str = "") -> Path | None:
         return Path(self.path(relative)) if self.local else None
+
+
+_SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token"}
+
+
+def _refuse_credentials(uri: str) -> None:
+    """A storage URI is written to Tune's state and printed; credentials in it would be too."""
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or _SECRET_QUERY_KEYS & {k.lower() for k, _ in parse_qsl(parts.query)}:
+        raise UserError(f"storage URI {parts.scheme}://{parts.hostname or ''}/... carries credentials, which would "
+                        "be recorded in Tune's trial state and logs",
+                        "remove them from the URI: credentials come from the environment or the machine's identity "
+                        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance profile, gcloud application-default "
+                        "credentials, workload identity)")
+
+
+def _s3_fix() -> str:
+    """What to check when an s3:// root fails: the bucket, the credentials, and the endpoint pyarrow used."""
+    endpoint = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else (
+        "AWS_ENDPOINT_URL" if os.environ.get("AWS_ENDPOINT_URL") else None)
+    where = (f"{endpoint} is set: check it names the store, with http:// or https:// (https if it has no scheme)"
+             if endpoint else "for an S3-compatible store (MinIO, R2, Ceph) set AWS_ENDPOINT_URL=https://host:port")
+    return ("create the bucket first (ray-prune never creates buckets); credentials come from the AWS chain "
+            f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance profile); {where}")

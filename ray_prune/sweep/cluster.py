@@ -52,3 +52,18 @@ def trial_resources(exp: Experiment) -> tuple[float, int]:
         raise UserError(f"each trial asks for {cpus} CPUs but the Ray cluster has {cpus_total}",
                         "lower resources.cpus_per_trial or use auto")
     return gpus, cpus
+
+
+def probe_gpu_memory_gb() -> float | None:
+    """The memory of one of the cluster's GPUs (None when it has none up), read by a one-GPU task."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        return None
+
+    def total() -> float:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    return float(ray.get(ray.remote(num_gpus=1)(total).remote()))

@@ -79,6 +79,10 @@ class Evaluation(_Strict):
     seq_len: int = Field(1024, ge=2)
     batch_size: int = Field(8, gt=0)
     unhealed: bool = True
+    precision: Literal["trained", "full"] = Field(
+        "trained", description="trained: every row of a cell is scored in the precision the cell heals in (an NF4 "
+        "base for QLoRA; the adapter unmerged, as the paper scored it); full: the experiment's dtype, with the "
+        "adapter merged in fp32 arithmetic")
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -89,6 +93,15 @@ class Evaluation(_Strict):
             if name not in TASKS:
                 raise ValueError(unknown_task_message(name))
         return {k: (s or {}) for k, s in (v or {}).items()}
+
+
+class TextStream(_Strict):
+    """Where a corpus streams from instead of the hub default: a private mirror, or a local folder of files."""
+
+    path: str = Field(description="what datasets.load_dataset(path, name, split=..., streaming=True) reads")
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
 
 
 class Scheduler(_Strict):
@@ -103,6 +116,9 @@ class Resources(_Strict):
     max_concurrent: int | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0, description="retries of a failing trial before it is recorded as failed")
     autoscaling: bool = Field(False, description="GPU nodes join on demand: do not refuse while none are up yet")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU of the cluster, for the memory "
+                                        "plan (--check plans with it before any GPU is up; else read from a GPU)")
+    gpus_per_node: int = Field(8, gt=0, description="GPUs one trial may span at most: a node's")
 
 
 class FractionRange(_Strict):
@@ -129,6 +145,8 @@ class Experiment(_Strict):
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()
     dtype: _choice(dtypes.CANONICAL) = "auto"
+    texts: dict[_choice(TEXT_SOURCES), TextStream] = Field(
+        default_factory=dict, description="corpora streamed from elsewhere than the hub (a data_dir mirror wins)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -152,6 +170,20 @@ class Experiment(_Strict):
 
     def heal_points(self, model: ModelSpec) -> list[dict[str, Any]]:
         return self.heal.points(model.heal)
+
+    def text_source(self, dataset: str = "c4"):
+        """The corpus ``dataset`` as this experiment reads it (``core.data.TextSource``)."""
+        base = TEXT_SOURCES[dataset]
+        stream = self.texts.get(dataset)
+        return base if stream is None else base.streamed_from(stream.path, stream.name, stream.split,
+                                                              stream.text_field)
+
+    def precisions(self, model: ModelSpec) -> list[str]:
+        """The quantizations a model's rows are scored with: each healed cell's own (eval.precision "trained"),
+        else none."""
+        if self.eval.precision != "trained":
+            return ["none"]
+        return sorted({h["quantize"] if h.get("enabled", True) else "none" for h in self.heal_points(model)})
 
 
 def _closest_key(loc: tuple, raw: Any) -> str:

@@ -42,6 +42,7 @@ class Cell:
     cell_id: str = ""
     unhealed_id: str = ""
     owns_unhealed: bool = False  # one cell per pruned model evaluates it unhealed
+    scored_as: str = "none"  # "nf4": every row of the cell is scored on an NF4 base, as it heals (see scored_as())
     removed_layers: list[int] = field(default_factory=list)  # filled in once the model is profiled
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,25 +68,31 @@ def heal_identity(point: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def baseline_id(exp: Experiment, model: str) -> str:
-    """The id of a model's unpruned baseline row: shared by every cell of that model."""
-    return stable_hash({"baseline": model, "eval": exp.eval.model_dump(), "dtype": exp.dtype})
+def scored_as(exp: Experiment, heal: dict[str, Any]) -> str:
+    """How the rows of a cell healed with ``heal`` are scored: with an NF4 base ("nf4") or in full precision."""
+    if exp.eval.precision == "trained" and heal.get("enabled", True):
+        return heal["quantize"]
+    return "none"
+
+
+def baseline_id(exp: Experiment, model: str, quantize: str = "none") -> str:
+    """The id of a model's unpruned baseline row, one per precision its cells are scored in."""
+    key = {"baseline": model, "eval": exp.eval.model_dump(), "dtype": exp.dtype}
+    if quantize != "none":
+        key["quantize"] = quantize
+    return stable_hash(key)
 
 
 def model_num_layers(spec: ModelSpec) -> int:
     """L from the config alone (no weights), so grids are checked before anything heavy runs."""
     if spec.name in BUNDLED:
         return BUNDLED[spec.name].num_layers
-    from transformers import AutoConfig
-
     from ray_prune.core.architecture import family_of
+    from ray_prune.core.model_configs import load_config
     from ray_prune.core.models import resolve
 
-    try:
-        config = AutoConfig.from_pretrained(resolve(spec.name), trust_remote_code=spec.trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot read the config of model {spec.name!r}: {str(e).splitlines()[0]}",
-                        "check the hub id or local path (and HF_TOKEN for gated models)") from None
+    resolve(spec.name)  # a local directory must hold a config and safetensors, never only pickles
+    config = load_config(spec.name, spec.trust_remote_code).config  # shipped configs where the hub is out of reach
     family_of(config)
     return int(config.num_hidden_layers)
 
@@ -110,11 +117,14 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
         L = num_layers[spec.name]
         for fraction in exp.fraction_values():
             n = _n_of(fraction, spec, L)
-            for strategy in exp.strategies:
+            # n = 0 prunes nothing: one cell, whatever the strategies, and its unhealed row is the baseline's.
+            for strategy in (exp.strategies if n > 0 else ["none"]):
                 prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation, "dtype": exp.dtype,
                              "calibration": calibration if strategy == "similarity" and n > 0 else None}
-                unhealed_id = stable_hash(prune_key)
                 for heal in exp.heal_points(spec):
+                    quantize = scored_as(exp, heal)
+                    unhealed_id = (baseline_id(exp, spec.name, quantize) if n == 0
+                                   else stable_hash({**prune_key, "scored": quantize}))
                     for seed in exp.seeds:
                         cell_id = stable_hash({**prune_key, "heal": heal_identity(heal), "seed": seed})
                         if cell_id in cells:
@@ -123,7 +133,8 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
                             experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code,
                             num_layers=L, fraction=fraction, n=n, strategy=strategy, seed=seed, heal=heal,
                             calibration=calibration, eval=evaluation, dtype=exp.dtype, cell_id=cell_id,
-                            unhealed_id=unhealed_id, owns_unhealed=unhealed_id not in owners)
+                            unhealed_id=unhealed_id, owns_unhealed=n > 0 and unhealed_id not in owners,
+                            scored_as=quantize)
                         owners.add(unhealed_id)
     if not cells:
         raise UserError("the experiment's grid is empty", "list at least one model, fraction and strategy")

@@ -3,7 +3,9 @@
 A trial writes its healed row itself when it finishes. A trial that failed
 for good (after its retries) or that ASHA stopped cannot, so the driver writes
 a ``failed`` row (with the error and the attempts) or a ``stopped`` row (with
-the heal curve so far) for it here.
+the heal curve so far) for it here. Anything else that ended without its row
+was cut off (Ctrl-C, ``ray job stop``) and gets no row, so the next run runs it:
+``stopped`` means ASHA's decision and nothing else.
 """
 
 from __future__ import annotations
@@ -29,17 +31,25 @@ def _curve(result) -> list[tuple]:
             for _, h in history.dropna(subset=["heal_step"]).iterrows()]
 
 
-def record_outcomes(grid, store: Storage, retries: dict[str, int]) -> None:
-    """Rows for cells that ended without their healed row: failed for good, or stopped by ASHA."""
+def record_outcomes(grid, store: Storage, view, stopped_by_scheduler: set[str], interrupts) -> int:
+    """Rows for cells that ended without their healed row: failed for good before any interrupt, or stopped
+    by ASHA. Returns the number of cells with a finished or stopped healed row."""
+    done = 0
     for result in grid:
+        if result.config is None:  # never started: an interrupt came first
+            continue
         cell = result.config["run"].cell
         metrics = result.metrics or {}
         if _row_status(store, row_path(cell.model, cell.cell_id, "healed")) == "finished":
+            done += 1
             continue  # the trial wrote its own row; a failed row of an earlier run is replaced below
-        if result.error is not None:
+        if result.error is not None and interrupts.before(view.failed_at.get(cell.cell_id)):
             row = failure_row(cell, "failed", result.error, metrics)
-        elif not metrics.get("completed"):
+        elif cell.cell_id in stopped_by_scheduler and not metrics.get("completed"):
             row = failure_row(cell, "stopped", None, metrics)
+            done += 1
         else:
-            continue
-        write_row(store, {**row, **curve_columns(_curve(result)), "attempts": 1 + retries.get(cell.cell_id, 0)})
+            continue  # cut off by an interrupt: no row, so the next run runs it
+        write_row(store, {**row, **curve_columns(_curve(result)),
+                          "attempts": 1 + view.retries.get(cell.cell_id, 0)})
+    return done

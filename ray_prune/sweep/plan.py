@@ -8,7 +8,7 @@ raises a ``UserError`` naming the problem and the fix, and writes nothing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray_prune.errors import UserError
 from ray_prune.ledger.done import DONE, done_ids
@@ -31,22 +31,25 @@ class Plan:
     cells: list[Cell]
     pending: list[Cell]  # cells without a finished or stopped healed row
     ledger: dict[tuple[str, str], str]  # (cell_id, stage) -> status of the rows already there
+    memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, when the GPU size is known
+    storage_note: str = ""  # why storage was not checked (--check on a machine that cannot reach it)
 
     def models_with_work(self) -> list:
         return [m for m in self.experiment.models if any(c.model == m.name for c in self.pending)]
 
 
-def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -> Plan:
-    """Check everything that can be checked up front; expand the grid; read the ledger."""
+def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, check: bool = False,
+         gpu_memory_gb: float | None = None) -> Plan:
+    """Check everything that can be checked up front; expand the grid; read the ledger; plan GPU memory.
+
+    ``check`` (``--check``): a remote storage root that cannot be reached is noted instead of refused,
+    so the plan prints on a laptop with no access to the cluster's bucket. ``gpu_memory_gb`` overrides
+    ``resources.gpu_memory_gb``; with neither, no memory plan is made (a CPU sweep needs none).
+    """
     from ray_prune.core.data import data_dir
 
     uri = storage_uri or exp.storage or os.path.join(DEFAULT_STORAGE_ROOT, exp.name)
-    storage = Storage(uri)
-    storage.check_writable()
-    record = read_experiment_record(storage)
-    if record is not None and record.get("name") != exp.name:
-        raise UserError(f"storage {uri} holds results of experiment {record.get('name')!r}, not {exp.name!r}",
-                        "use a separate --storage per experiment, or keep the experiment's name")
+    storage, ledger, note = _open_storage(exp, uri, rerun, check)
     root = data_dir(exp.data_dir)
     check_tasks(exp, local=root is not None)
     if root is not None:
@@ -54,9 +57,42 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False) -
     layers = {m.name: model_num_layers(m) for m in exp.models}
     check_lora_targets(exp)
     cells = expand(exp, layers)
-    ledger = {} if rerun else done_ids(storage)
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in DONE]
-    return Plan(exp, storage, str(root) if root else None, layers, cells, pending, ledger)
+    memory = plan_memory(exp, gpu_memory_gb or exp.resources.gpu_memory_gb)
+    return Plan(exp, storage, str(root) if root else None, layers, cells, pending, ledger, memory, note)
+
+
+def _open_storage(exp: Experiment, uri: str, rerun: bool, check: bool):
+    """The storage, what it already holds, and a note if it could not be reached (``--check`` only)."""
+    try:
+        storage = Storage(uri)
+        storage.check_writable()
+    except UserError as e:
+        if not (check and "://" in uri and not uri.startswith("file://")):
+            raise
+        return None, {}, f"storage not checked: {e.problem}"
+    record = read_experiment_record(storage)
+    if record is not None and record.get("name") != exp.name:
+        raise UserError(f"storage {uri} holds results of experiment {record.get('name')!r}, not {exp.name!r}",
+                        "use a separate --storage per experiment, or keep the experiment's name")
+    return storage, ({} if rerun else done_ids(storage)), ""
+
+
+def plan_memory(exp: Experiment, gpu_memory_gb: float | None) -> list:
+    """Each model's memory plan on GPUs of ``gpu_memory_gb``; refuses, naming the model and the fix, when a
+    stage fits nowhere."""
+    if gpu_memory_gb is None:
+        return []
+    from ray_prune.sweep.memory_plan import plan_models
+
+    plans = plan_models(exp, gpu_memory_gb, exp.resources.gpus_per_node)
+    for p in plans:
+        for c in p.choices:
+            if not c.fits:
+                raise UserError(f"{p.model}: the {c.stage} stage fits no {gpu_memory_gb:g} GB GPU, nor "
+                                f"{exp.resources.gpus_per_node} of them (estimated {c.estimate.peak_gib:.1f} GiB "
+                                f"per GPU)", c.fix or "use GPUs with more memory")
+    return plans
 
 
 def check_tasks(exp: Experiment, local: bool) -> None:

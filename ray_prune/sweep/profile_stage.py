@@ -1,10 +1,10 @@
-"""Stage 1: one profiling actor per model, which writes its distance table and its unpruned baseline row.
+"""Stage 1: one actor per model, which prepares everything its trials share, then exits, freeing its GPU.
 
-Each actor (one GPU where there are GPUs) loads the model once, computes the
-distance table on the calibration set, the unpruned model's heal validation
-loss for every heal shape in the grid (ASHA's reference), and the baseline
-evaluation; it writes the table and the row to storage and exits, freeing its
-GPU for the trials. The driver then reads back what the trials need.
+Each actor (one GPU where there are GPUs) packs the token blocks its trials read (``shared_blocks``),
+computes the distance table on the calibration set in the experiment's inference precision, and, for
+each precision the model's cells are scored in (``scoring``), the unpruned model's selection loss for
+every heal shape in the grid (ASHA's reference) and its baseline row. The driver then reads back what
+the trials need.
 """
 
 from __future__ import annotations
@@ -22,20 +22,23 @@ from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
 from ray_prune.sweep.grid import baseline_id
 from ray_prune.sweep.plan import Plan
+from ray_prune.sweep import shared_blocks
 from ray_prune.sweep.rows import baseline_cell, cell_row
+from ray_prune.sweep.shared_blocks import Need
 
 
 @dataclass
 class Profiled:
     """What stage 1 hands stage 2 for one model."""
 
-    heal_reference: dict[str, float]  # "<seq_len>x<val_sequences>" -> unpruned heal validation loss
-    baseline_loss: float | None  # the unpruned model's C4 loss (None if not evaluated in this run)
+    blocks: dict[Need, str]  # the shared token blocks, by what they are for
+    heal_reference: dict[str, float]  # reference_key(quantize, seq_len, val_sequences) -> unpruned selection loss
+    baseline_loss: dict[str, float | None]  # quantize -> the unpruned model's C4 loss (None: not evaluated now)
     profile_s: float
 
 
-def heal_shape(seq_len: int, val_sequences: int) -> str:
-    return f"{seq_len}x{val_sequences}"
+def reference_key(quantize: str, seq_len: int, val_sequences: int) -> str:
+    return f"{quantize}:{seq_len}x{val_sequences}"
 
 
 def _save_table(storage: Storage, model: str, table) -> None:
@@ -47,50 +50,98 @@ def _save_table(storage: Storage, model: str, table) -> None:
         storage.write_bytes(table_path(model), table.save(os.path.join(d, "t.parquet")).read_bytes())
 
 
+def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, streamed: bool,
+             gpus: float) -> float:
+    """The distance table, in the experiment's inference precision; returns its seconds. ``streamed``: one block
+    at a time from the safetensors shards (a model larger than the GPU, exact all the same)."""
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.models import load_model, load_tokenizer
+    from ray_prune.core.profile import profile
+    from ray_prune.core.profile_streamed import profile_streamed
+
+    cal = exp.calibration
+    texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir,
+                       source=exp.text_source(cal.dataset))
+    kw = dict(metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length, model_id=spec.name,
+              progress=False)
+    t0 = time.perf_counter()
+    if streamed:
+        tok = load_tokenizer(spec.name, spec.trust_remote_code)
+        table = profile_streamed(spec.name, tok, texts, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code,
+                                 **kw)
+    else:
+        model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code, spread=gpus > 1)
+        t0 = time.perf_counter()
+        table = profile(model, tok, texts, **kw)
+    _save_table(storage, spec.name, table)
+    return time.perf_counter() - t0
+
+
+def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, quantize: str,
+                    blocks: dict, need_baseline: bool, profile_s: float) -> tuple[dict[str, float], float | None]:
+    """The unpruned model in one scoring precision: its selection losses (ASHA's reference) and baseline row."""
+    from ray_prune.core.architecture import family_of, num_layers
+    from ray_prune.core.loss import next_token_loss
+    from ray_prune.core.models import default_device, load_model
+    from ray_prune.core.packing import scored_bos
+    from ray_prune.sweep.scoring import scoring
+    from ray_prune.sweep.trial import device_seconds, run_evaluation
+
+    heals = any(h.get("enabled", True) for h in exp.heal_points(spec))
+    how = scoring(exp.dtype, quantize, exp.eval.precision, heals, default_device())
+    model, tok = load_model(spec.name, dtype=how.dtype, quantize=how.quantize, trust_remote_code=spec.trust_remote_code)
+    reference = {}
+    for need, path in blocks.items():
+        if need.role == "selection":
+            for h in exp.heal_points(spec):
+                if h["seq_len"] == need.seq_len:
+                    val = shared_blocks.read(storage, path, h["val_sequences"])
+                    reference[reference_key(quantize, need.seq_len, h["val_sequences"])] = next_token_loss(
+                        model, val, bos=scored_bos(tok))
+    if not need_baseline:
+        return reference, None
+    t = time.perf_counter()
+    flat = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
+    cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model), exp.calibration.model_dump(),
+                         exp.eval.model_dump(), exp.dtype, baseline_id(exp, spec.name, quantize))
+    wall = time.perf_counter() - t
+    write_row(storage, cell_row(cell, "baseline", "finished", family=family_of(model)[0], **flat, loss_ratio=1.0,
+                                eval_precision=how.label, wall_s=wall, profile_s=profile_s,
+                                gpu_s=device_seconds(wall), device=str(next(model.parameters()).device)))
+    return reference, flat.get("c4_loss")
+
+
+def _test_blocks(storage: Storage, blocks: dict):
+    path = next((p for n, p in blocks.items() if n.role == "test"), None)
+    return None if path is None else shared_blocks.read(storage, path)
+
+
 def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None, need_table: bool,
-                  need_baseline: bool, heal_shapes: list[tuple[int, int]], threads: int) -> Profiled:
-    """Distance table + unpruned baseline of one model (runs inside the profiling actor)."""
+                  baselines: list[str], threads: int, streamed: bool = False, gpus: float = 0.0) -> Profiled:
+    """Stage 1 for one model (inside its actor): shared blocks, distance table, references and baselines.
+
+    ``baselines``: the scoring quantizations whose baseline row is still missing.
+    """
     import torch
 
-    from ray_prune.core.architecture import family_of, num_layers
-    from ray_prune.core.data import load_texts, texts_for_tokens
-    from ray_prune.core.loss import next_token_loss
-    from ray_prune.core.models import load_model
-    from ray_prune.core.packing import pack_texts
-    from ray_prune.core.profile import profile
-    from ray_prune.sweep.trial import device_seconds, run_evaluation
+    from ray_prune.core.models import load_tokenizer
 
     torch.set_num_threads(max(1, threads))
     exp, spec, storage = Experiment(**exp_dict), ModelSpec(**spec_dict), Storage(storage_uri)
-    model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code)
-    family, _ = family_of(model)
-    cal = exp.calibration
-    t0 = time.perf_counter()
-    if need_table:
-        texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir)
-        _save_table(storage, spec.name, profile(model, tok, texts, metric=cal.metric, batch_size=cal.batch_size,
-                                                max_length=cal.max_length, model_id=spec.name, progress=False))
-    profile_s = time.perf_counter() - t0
-    reference = {}
-    for seq_len, val_sequences in heal_shapes:  # the blocks each heal setting validates on, as heal() packs them
-        val = texts_for_tokens("validation", seq_len * val_sequences, tok, data_dir_path=data_dir)
-        blocks = pack_texts(val, tok, seq_len, max_blocks=val_sequences)
-        reference[heal_shape(seq_len, val_sequences)] = next_token_loss(model, blocks)
-    baseline_loss = None
-    if need_baseline:
-        t = time.perf_counter()
-        flat = run_evaluation(model, tok, exp.eval.model_dump(), data_dir)
-        baseline_loss = flat.get("c4_loss")
-        cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model), cal.model_dump(),
-                             exp.eval.model_dump(), exp.dtype, baseline_id(exp, spec.name))
-        wall = time.perf_counter() - t
-        write_row(storage, cell_row(cell, "baseline", "finished", family=family, **flat, loss_ratio=1.0, wall_s=wall,
-                                    profile_s=profile_s, gpu_s=device_seconds(wall),
-                                    device=str(next(model.parameters()).device)))
-    return Profiled(reference, baseline_loss, profile_s)
+    tok = load_tokenizer(spec.name, spec.trust_remote_code)
+    wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
+    blocks = shared_blocks.make(storage, tok, wanted, data_dir, exp.text_source("c4"))
+    profile_s = _profile(exp, spec, storage, data_dir, streamed, gpus) if need_table else 0.0
+    references: dict[str, float] = {}
+    losses: dict[str, float | None] = {}
+    for quantize in exp.precisions(spec):
+        ref, losses[quantize] = _score_unpruned(exp, spec, storage, data_dir, quantize, blocks,
+                                                quantize in baselines, profile_s)
+        references.update(ref)
+    return Profiled(blocks, references, losses, profile_s)
 
 
-def run_profile_stage(p: Plan, gpus: float, cpus: int, rerun: bool) -> dict[str, Profiled]:
+def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool) -> dict[str, Profiled]:
     """Profile every model that still has work, one actor each, in parallel; fill in earlier baselines' losses."""
     import ray
 
@@ -98,11 +149,13 @@ def run_profile_stage(p: Plan, gpus: float, cpus: int, rerun: bool) -> dict[str,
     profiler = ray.remote(profile_model)
     futures = {}
     for m in p.models_with_work():
-        shapes = sorted({(h["seq_len"], h["val_sequences"]) for h in exp.heal_points(m)})
-        need_table = rerun or not store.exists(table_path(m.name))
-        need_base = rerun or p.ledger.get((baseline_id(exp, m.name), "baseline")) != "finished"
-        futures[m.name] = profiler.options(num_gpus=gpus, num_cpus=cpus, max_retries=1).remote(
-            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, need_table, need_base, shapes, cpus)
+        need_table = (rerun or not store.exists(table_path(m.name))) and "similarity" in exp.strategies
+        baselines = [q for q in exp.precisions(m)
+                     if rerun or p.ledger.get((baseline_id(exp, m.name, q), "baseline")) != "finished"]
+        g = gpus[m.name]
+        futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
+            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, need_table, baselines, cpus, g["streamed"],
+            g["profile"])
     out: dict[str, Profiled] = {}
     for name, fut in futures.items():
         try:
@@ -111,7 +164,7 @@ def run_profile_stage(p: Plan, gpus: float, cpus: int, rerun: bool) -> dict[str,
             if isinstance(getattr(e, "cause", None), UserError):
                 raise e.cause from None
             raise
-    if any(r.baseline_loss is None for r in out.values()):
+    if any(v is None for r in out.values() for v in r.baseline_loss.values()):
         _earlier_baselines(p, out)
     return out
 
@@ -122,9 +175,11 @@ def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
 
     earlier = load_results(p.storage.uri)
     for name, r in out.items():
-        hit = earlier[(earlier["stage"] == "baseline") & (earlier["cell_id"] == baseline_id(p.experiment, name))]
-        if r.baseline_loss is None and len(hit) and hit["c4_loss"].notna().any():
-            r.baseline_loss = float(hit["c4_loss"].iloc[0])
+        for quantize, loss in r.baseline_loss.items():
+            hit = earlier[(earlier["stage"] == "baseline")
+                          & (earlier["cell_id"] == baseline_id(p.experiment, name, quantize))]
+            if loss is None and len(hit) and hit["c4_loss"].notna().any():
+                r.baseline_loss[quantize] = float(hit["c4_loss"].iloc[0])
 
 
 def load_tables(p: Plan) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class ProgressView(tune.Callback):
         self.started: dict[str, float] = {}
         self.durations: list[float] = []
         self.retries: dict[str, int] = {}  # cell id -> times Tune restarted it after a failure
+        self.failed_at: dict[str, float] = {}  # cell id -> time.monotonic() when its last retry failed
         self.t0 = time.monotonic()
 
     def __getstate__(self) -> dict:
@@ -85,4 +86,5 @@ class ProgressView(tune.Callback):
         self.retries[cell_id] = self.retries.get(cell_id, 0) + 1
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed_at[trial.config["run"].cell.cell_id] = time.monotonic()
         self._set(trial, "failed")

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import ray_prune
 from ray_prune.ledger.layout import RESULTS, TABLES
-from ray_prune.ledger.rows import load_results, save_experiment_record
+from ray_prune.ledger.rows import load_results, save_experiment_record, upgrade_layout
 from ray_prune.sweep.experiment import Experiment, load_experiment
 from ray_prune.sweep.plan import Plan, plan
 
@@ -33,25 +33,26 @@ def run_sweep(
     """Run (or resume, or extend) a sweep and return its results as a DataFrame."""
     from ray_prune.sweep.lock import SweepLock
 
+    from ray_prune.sweep.interrupt import Interrupts
+
     exp = load_experiment(experiment) if isinstance(experiment, str) else experiment
     p = plan(exp, storage, rerun)
-    with SweepLock(p.storage) as lock:
+    with Interrupts() as interrupts, SweepLock(p.storage) as lock:
         if lock.took_over and progress:
             print(f"took over the lock of a sweep that died (pid {lock.took_over.get('pid')} on "
                   f"{lock.took_over.get('host')})")
         # Writers killed mid-write leave hidden temp files; nobody else writes while we hold the lock.
         for folder in (RESULTS, TABLES):
             p.storage.remove_temp_files(folder)
-        return _run_planned(p, rerun, progress, num_cpus)
+        upgrade_layout(p.storage)  # rows of older versions join the dataset
+        return _run_planned(p, rerun, progress, num_cpus, interrupts)
 
 
-def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None):
-    from ray_prune.core.select import layers_to_remove
+def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, interrupts):
     from ray_prune.sweep.cluster import connect, trial_resources
     from ray_prune.sweep.outcomes import record_outcomes
-    from ray_prune.sweep.profile_stage import heal_shape, load_tables, run_profile_stage
+    from ray_prune.sweep.profile_stage import load_tables, run_profile_stage
     from ray_prune.sweep.progress import ProgressView
-    from ray_prune.sweep.trial import TrialSpec
     from ray_prune.sweep.tune_run import run_tune
 
     exp, store = p.experiment, p.storage
@@ -65,21 +66,87 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None):
         return load_results(store.uri)
 
     connect(num_cpus)
+    interrupts.arm()
     gpus, cpus = trial_resources(exp)
+    per_model = _gpus_per_model(p, gpus, say)
     say(f"stage 1: profiling {len(p.models_with_work())} model(s) on {'GPU' if gpus else 'CPU'}")
-    profiled = run_profile_stage(p, gpus, cpus, rerun)
+    profiled = run_profile_stage(p, per_model, cpus, rerun)
     tables = load_tables(p)
-    specs = [TrialSpec(
-        cell=replace(c, removed_layers=layers_to_remove(c.strategy, c.num_layers, n=c.n, table=tables.get(c.model))),
-        storage_uri=store.uri, data_dir=p.data_dir, threads=cpus, baseline_loss=profiled[c.model].baseline_loss,
-        reference_loss=profiled[c.model].heal_reference.get(heal_shape(c.heal["seq_len"], c.heal["val_sequences"])),
-        do_unhealed=exp.eval.unhealed and c.owns_unhealed) for c in p.pending]
+    specs = [_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"]) for c in p.pending]
 
+    _write_mergekit_configs(store, specs, say)
     totals: dict[str, int] = {}
     for s in specs:
         totals[s.cell.model] = totals.get(s.cell.model, 0) + 1
     view = ProgressView(totals, enabled=progress)
     say(f"stage 2: {len(specs)} trials, {gpus:g} GPU + {cpus} CPU each, scheduler {exp.scheduler.type}")
-    grid = run_tune(exp, store, specs, gpus, cpus, [view])
-    record_outcomes(grid, store, view.retries)
+    interrupts.check()
+    with interrupts.during("tune"):
+        grid, stopped = run_tune(exp, store, specs, gpus, cpus, [view])
+    with interrupts.during("writing"):
+        done = record_outcomes(grid, store, view, stopped, interrupts)
+    interrupts.check(len(p.cells) - len(specs) + done, len(p.cells))
     return load_results(store.uri)
+
+
+def _gpus_per_model(p: Plan, gpus: float, say) -> dict[str, dict]:
+    """Per model: GPUs of its profiling actor and of each trial, and whether to profile streamed, from the memory
+    plan (made now from a probe of the cluster's GPUs if the experiment did not name their size)."""
+    from ray_prune.sweep.cluster import probe_gpu_memory_gb
+    from ray_prune.sweep.plan import plan_memory
+
+    out = {m.name: {"profile": gpus, "trial": gpus, "streamed": False} for m in p.experiment.models}
+    if not gpus:
+        return out
+    if not p.memory and p.experiment.resources.gpus_per_trial == "auto":
+        size = probe_gpu_memory_gb()
+        p.memory = plan_memory(p.experiment, size) if size else []
+    for mp in p.memory:
+        streamed = mp.choice("profile") is not None and mp.choice("profile").precision.startswith("streamed")
+        out[mp.model] = {"profile": float(mp.profile_gpus), "trial": float(mp.trial_gpus), "streamed": streamed}
+        if mp.trial_gpus > 1 or streamed:
+            say(f"{mp.model}: {mp.trial_gpus} GPU(s) per trial" + (", profiled one block at a time" if streamed
+                                                                     else ""))
+    return out
+
+
+def _trial_spec(c, p: Plan, profiled, tables: dict, cpus: int, gpus: float):
+    """A cell's trial: its layers chosen, its shared blocks, its reference losses, whether it owns its unhealed row."""
+    from ray_prune.core.select import layers_to_remove
+    from ray_prune.sweep.profile_stage import reference_key
+    from ray_prune.sweep.trial import TrialSpec
+
+    removed = layers_to_remove(c.strategy if c.n else "deepest", c.num_layers, n=c.n, table=tables.get(c.model))
+    blocks = {}
+    for need, path in profiled.blocks.items():
+        if need.role == "test" or (c.heals and need.seq_len == c.heal["seq_len"]):
+            blocks[need.role] = path
+    return TrialSpec(
+        cell=replace(c, removed_layers=removed), storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
+        baseline_loss=profiled.baseline_loss.get(c.scored_as),
+        reference_loss=profiled.heal_reference.get(reference_key(c.scored_as, c.heal.get("seq_len"),
+                                                                  c.heal.get("val_sequences"))),
+        do_unhealed=p.experiment.eval.unhealed and c.owns_unhealed, blocks=blocks, gpus=gpus)
+
+
+def _write_mergekit_configs(store, specs, say) -> None:
+    """Each pending cell's pruning as a mergekit passthrough config (``layout.mergekit_path``), for the models
+    mergekit can prune faithfully (``core.export`` says which, and why not the others)."""
+    from ray_prune.core.export import mergekit_yaml
+    from ray_prune.errors import UserError
+    from ray_prune.ledger.layout import mergekit_path
+
+    refused: dict[str, str] = {}
+    for s in specs:
+        c = s.cell
+        if c.model in refused or not c.removed_layers:
+            continue
+        path = mergekit_path(c.model, c.cell_id)
+        try:
+            text = mergekit_yaml(store.path(path), c.model, c.num_layers, c.removed_layers, c.dtype)
+        except UserError as e:
+            refused[c.model] = e.problem
+            continue
+        store.write_bytes(path, text.encode())
+    for model, why in refused.items():
+        say(f"no mergekit configs for {model}: {why}")

@@ -23,6 +23,7 @@ class GroupedASHA(FIFOScheduler):
         self._kwargs = asha_kwargs
         self._groups: dict[str, ASHAScheduler] = {}
         self._metric = asha_kwargs.get("metric")
+        self.stopped: set[str] = set()  # cell ids this scheduler stopped: the only cells that get "stopped" rows
 
     def _asha(self, trial) -> ASHAScheduler:
         key = self._group_of(trial.config)
@@ -39,7 +40,10 @@ class GroupedASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self._kwargs["metric"] not in result:
             return TrialScheduler.CONTINUE
-        return self._asha(trial).on_trial_result(tune_controller, trial, result)
+        decision = self._asha(trial).on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            self.stopped.add(trial.config["run"].cell.cell_id)
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._asha(trial).on_trial_complete(tune_controller, trial, result)

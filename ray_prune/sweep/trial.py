@@ -1,27 +1,33 @@
 """What one sweep cell does, as named steps over the pure core: prune, evaluate, heal, evaluate again.
 
-Rows go to storage as each step finishes, so a killed trial loses only the
-step it was in. The trial never imports Ray: it reports heal progress through
-the ``report`` callable it is given (Tune's ``tune.report`` in a sweep,
-``tune_run.report_to_tune``), so the same recipe runs in a notebook.
+Rows go to storage as each step finishes, so a killed trial loses only the step it was in. The trial never
+imports Ray: it reports heal progress through the ``report`` callable it is given (Tune's ``tune.report``
+in a sweep, ``tune_run.report_to_tune``), so the same recipe runs in a notebook.
+
+A QLoRA cell loads its model straight into NF4 from the original checkpoint and prunes the quantized model
+in memory: no full-precision copy is written to disk or loaded twice. Its rows are scored in the precision
+it heals in (``scoring``): the unhealed row on that NF4 model, the healed row on it with the adapter
+applied unmerged, the model that was trained. Text comes pre-packed from stage 1 (``shared_blocks``).
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ray_prune.ledger.layout import adapter_path
 from ray_prune.ledger.rows import write_row
 from ray_prune.ledger.schema import flatten_metrics
 from ray_prune.ledger.storage import Storage
+from ray_prune.sweep import shared_blocks
 from ray_prune.sweep.grid import Cell
 from ray_prune.sweep.rows import cell_row, curve_columns
+from ray_prune.sweep.scoring import Scoring, scoring
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
@@ -34,15 +40,19 @@ class TrialSpec:
     storage_uri: str
     data_dir: str | None
     threads: int
-    baseline_loss: float | None  # the unpruned model's C4 loss: rows' loss_ratio
-    reference_loss: float | None  # the unpruned model's heal validation loss: what ASHA compares cells by
+    baseline_loss: float | None  # the unpruned model's C4 loss, same precision: rows' loss_ratio
+    reference_loss: float | None  # the unpruned model's selection loss: what ASHA compares heal losses by
     do_unhealed: bool  # this trial owns its pruned model's unhealed row
+    blocks: dict[str, str] = field(default_factory=dict)  # role -> stored token blocks (shared_blocks)
+    gpus: float = 0.0  # what Ray gives the trial (the memory plan's GPUs for this model); > 1: model spread on them
 
 
-def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None) -> dict[str, float]:
+def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None,
+                   c4_blocks: torch.Tensor | None = None) -> dict[str, float]:
     """The experiment's evaluation: tasks grouped by their limit (lm-eval runs once per group), then the C4 loss."""
     from ray_prune.core.evaluation.harness import evaluate
     from ray_prune.core.evaluation.tasks import resolve_tasks
+    from ray_prune.core.loss import c4_loss
 
     defaults = resolve_tasks(list(spec["tasks"])) if spec["tasks"] else {}
     groups: dict[Any, dict[str, int]] = {}
@@ -54,8 +64,9 @@ def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None)
         scores.update(evaluate(model, tokenizer, tasks=tasks, limit=limit, data_dir=data_dir, c4_sequences=0,
                                batch_size=spec["batch_size"], progress=False))
     if spec["c4_sequences"]:
-        scores.update(evaluate(model, tokenizer, tasks=[], data_dir=data_dir, c4_sequences=spec["c4_sequences"],
-                               seq_len=spec["seq_len"], batch_size=spec["batch_size"], progress=False))
+        c4 = c4_loss(model, tokenizer, num_sequences=spec["c4_sequences"], seq_len=spec["seq_len"],
+                     batch_size=spec["batch_size"], data_dir=data_dir, blocks=c4_blocks)
+        scores.update({f"c4/{k}": v for k, v in c4.items()})
     return flatten_metrics(scores)
 
 
@@ -67,38 +78,44 @@ def _ratio(loss: float | None, reference: float | None) -> float | None:
     return loss / reference if loss is not None and reference else None
 
 
-def load_pruned(cell: Cell):
-    """Step 1: the cell's model with its layers removed; (model, tokenizer, family)."""
+def load_pruned(cell: Cell, how: Scoring, gpus: float = 0.0):
+    """Step 1: the cell's model, loaded as it is scored (NF4 straight from the checkpoint for QLoRA cells),
+    with its layers removed in memory; (model, tokenizer, family)."""
     from ray_prune.core.architecture import family_of
     from ray_prune.core.models import load_model
     from ray_prune.core.prune import prune_layers
 
-    model, tok = load_model(cell.model, dtype=cell.dtype, trust_remote_code=cell.trust_remote_code)
+    model, tok = load_model(cell.model, dtype=how.dtype, quantize=how.quantize,
+                            trust_remote_code=cell.trust_remote_code, spread=gpus > 1)
     family, _ = family_of(model)
     prune_layers(model, cell.removed_layers)
     return model, tok, family
 
 
-def evaluate_unhealed(spec: TrialSpec, storage: Storage, model, tok, family: str) -> None:
+def _blocks(spec: TrialSpec, storage: Storage, role: str, count: int | None = None):
+    path = spec.blocks.get(role)
+    return None if path is None else shared_blocks.read(storage, path, count)
+
+
+def evaluate_unhealed(spec: TrialSpec, storage: Storage, model, tok, family: str, how: Scoring) -> None:
     """Step 2: the pruned model's scores before healing (one trial per pruned model runs this)."""
     cell = spec.cell
     t = time.perf_counter()
-    scores = run_evaluation(model, tok, cell.eval, spec.data_dir)
+    scores = run_evaluation(model, tok, cell.eval, spec.data_dir, _blocks(spec, storage, "test"))
     wall = time.perf_counter() - t
-    write_row(storage, cell_row(cell, "unhealed", "finished", family=family, **scores,
+    write_row(storage, cell_row(cell, "unhealed", "finished", family=family, **scores, eval_precision=how.label,
                                 loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss), wall_s=wall,
                                 eval_s=wall, gpu_s=device_seconds(wall), device=str(next(model.parameters()).device)))
 
 
-def heal_cell(spec: TrialSpec, pruned_dir: Path, tok, last: dict[str, Any], report: Report | None,
-              resume_from: str | None):
-    """Step 3: QLoRA-heal the saved pruned model, reporting every evaluation; (peft model, reports, seconds)."""
+def heal_cell(spec: TrialSpec, storage: Storage, model, tok, work: Path, last: dict[str, Any],
+              report: Report | None, resume_from: str | None):
+    """Step 3: heal the pruned model in memory, reporting every evaluation; (peft model, reports, seconds)."""
     from ray_prune.core.heal.lora import prepare_for_healing
     from ray_prune.core.heal.loop import heal
 
-    work = pruned_dir.parent
     config = spec.cell.heal_config()
-    peft_model = prepare_for_healing(str(pruned_dir), config)
+    peft_model = prepare_for_healing(model, config)
 
     def on_eval(r) -> None:
         last.update(heal_step=r.step, heal_val_loss=r.val_loss, heal_train_loss=r.train_loss,
@@ -108,27 +125,43 @@ def heal_cell(spec: TrialSpec, pruned_dir: Path, tok, last: dict[str, Any], repo
             report(dict(last), r.checkpoint)
 
     t = time.perf_counter()
-    peft_model, reports = heal(peft_model, tok, config, callback=on_eval, checkpoint_dir=work / "checkpoint",
-                               resume_from=resume_from, data_dir=spec.data_dir, progress=False)
+    peft_model, reports = heal(
+        peft_model, tok, config, callback=on_eval, checkpoint_dir=work / "checkpoint", resume_from=resume_from,
+        data_dir=spec.data_dir, progress=False,
+        train_blocks=_blocks(spec, storage, "heal", config.steps * config.sequences_per_step),
+        val_blocks=_blocks(spec, storage, "selection", config.val_sequences))
     return peft_model, reports, time.perf_counter() - t
 
 
+def save_adapter(spec: TrialSpec, storage: Storage, peft_model, how: Scoring, work: Path) -> str:
+    """The trained adapter, under the storage root, with the record ``ray-prune eval --adapter`` rebuilds from."""
+    from ray_prune.core.heal.checkpoint import save_adapter_files, write_adapter_record
+
+    cell, rel = spec.cell, adapter_path(spec.cell.model, spec.cell.cell_id)
+    local = work / "adapter"
+    save_adapter_files(peft_model, local)
+    write_adapter_record(local, cell.model, cell.removed_layers, cell.num_layers, how.quantize,
+                         str(how.dtype).removeprefix("torch."), how.label,
+                         trust_remote_code=cell.trust_remote_code, cell_id=cell.cell_id)
+    for f in sorted(local.iterdir()):
+        storage.write_bytes(f"{rel}/{f.name}", f.read_bytes())
+    return rel
+
+
 def evaluate_healed(spec: TrialSpec, storage: Storage, peft_model, tok, family: str, reports: list,
-                    timing: dict[str, float], resumed_from_step: int) -> None:
+                    timing: dict[str, float], resumed_from_step: int, how: Scoring, adapter: str) -> None:
     """Step 4: the healed model's scores, with its heal curve and the cell's cost."""
     from ray_prune.core.heal.lora import merge_adapter
 
     t = time.perf_counter()
-    # Evaluate the adapter folded into full-precision weights, the model one would deploy: NF4 is a
-    # training-memory device, and its rounding error (~0.13 nats of C4 loss on SmolLM2) is not pruning damage.
-    healed_model = merge_adapter(peft_model, inplace=True)
-    device = str(next(healed_model.parameters()).device)
-    scores = run_evaluation(healed_model, tok, spec.cell.eval, spec.data_dir)
+    model = merge_adapter(peft_model, inplace=True, dtype=how.dtype) if how.merged else peft_model
+    device = str(next(model.parameters()).device)
+    scores = run_evaluation(model, tok, spec.cell.eval, spec.data_dir, _blocks(spec, storage, "test"))
     eval_s = time.perf_counter() - t
     wall = time.perf_counter() - timing["t0"]
     final = reports[-1] if reports else None
     write_row(storage, cell_row(
-        spec.cell, "healed", "finished", family=family, **scores,
+        spec.cell, "healed", "finished", family=family, **scores, eval_precision=how.label, adapter=adapter,
         heal_val_loss=final.val_loss if final else None, loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss),
         steps_done=final.step if final else 0, resumed_from_step=resumed_from_step,
         tokens_seen=final.tokens_seen if final else 0, heal_s=timing["heal_s"], eval_s=eval_s,
@@ -143,25 +176,35 @@ def run_cell(spec: TrialSpec, report: Report | None = None, resume_from: str | N
     reports it is the heal validation loss over the unpruned model's on the same blocks
     (``reference_loss``), which makes cells of different models comparable for ASHA.
     """
-    from ray_prune.core.heal.checkpoint import checkpoint_step
+    import shutil
 
-    storage = Storage(spec.storage_uri)
+    from ray_prune.core.heal.checkpoint import checkpoint_step
+    from ray_prune.core.models import default_device
+
+    cell, storage = spec.cell, Storage(spec.storage_uri)
+    how = scoring(cell.dtype, cell.scored_as, cell.eval.get("precision", "trained"), cell.heals, default_device())
     t0 = time.perf_counter()
-    model, tok, family = load_pruned(spec.cell)
+    model, tok, family = load_pruned(cell, how, spec.gpus)
     timing = {"t0": t0, "load_s": time.perf_counter() - t0}
     last: dict[str, Any] = {}
     if spec.do_unhealed:
-        evaluate_unhealed(spec, storage, model, tok, family)
-    if not spec.cell.heals:
+        evaluate_unhealed(spec, storage, model, tok, family, how)
+    if not cell.heals:
         return last
+    if how.quantize != cell.heal["quantize"]:  # scored in full precision, healed on NF4: the trained base apart
+        from ray_prune.core import dtypes
+
+        del model
+        train_dtype = dtypes.to_torch(cell.dtype, default_device(), "training")
+        model, tok, family = load_pruned(cell, Scoring(cell.heal["quantize"], train_dtype, how.label, how.merged),
+                                         spec.gpus)
     resumed_from_step = checkpoint_step(resume_from)
     work = Path(tempfile.mkdtemp(prefix="ray-prune-cell-"))
     try:
-        model.save_pretrained(work / "pruned")  # bitsandbytes quantizes at load time: NF4 loads from disk
-        tok.save_pretrained(work / "pruned")
+        peft_model, reports, timing["heal_s"] = heal_cell(spec, storage, model, tok, work, last, report, resume_from)
         del model
-        peft_model, reports, timing["heal_s"] = heal_cell(spec, work / "pruned", tok, last, report, resume_from)
-        evaluate_healed(spec, storage, peft_model, tok, family, reports, timing, resumed_from_step)
+        adapter = save_adapter(spec, storage, peft_model, how, work)
+        evaluate_healed(spec, storage, peft_model, tok, family, reports, timing, resumed_from_step, how, adapter)
         last.update(completed=True)
         if report is not None:
             report(dict(last), None)

@@ -7,6 +7,7 @@ This is the only module that talks to Tune from inside a trial
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -62,7 +63,7 @@ def _scheduler(exp: Experiment, specs: list[TrialSpec]):
 
 
 def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: float, cpus: int, callbacks: list):
-    """Fit the grid; returns Tune's ResultGrid."""
+    """Fit the grid; returns Tune's ResultGrid and the ids of the cells ASHA stopped."""
     from ray import tune
 
     from ray_prune.ledger.layout import TUNE
@@ -70,11 +71,19 @@ def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: floa
     # Tune snapshots its state at every checkpoint; that is wanted here, and its warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 Tune then prints nothing: our view instead
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # interrupt.Interrupts handles SIGINT and SIGTERM
+    # An interrupted sweep stops its trials within seconds, not after their next report (Tune's default
+    # waits up to 600 s): a trial killed mid-write leaves only a hidden temp file, never a partial row.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "2")
+    # On an interrupt Tune logs how to resume with Tuner.restore, which ray-prune never uses (see run.py).
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    scheduler = _scheduler(exp, specs)
     tune_root = store.local_path(TUNE)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
+        # each trial asks for its own model's GPUs (the memory plan's), others' fit the same nodes
+        tune.with_resources(trainable, lambda config: {"cpu": cpus, "gpu": config["run"].gpus}),
         param_space={"run": tune.grid_search(specs)},
-        tune_config=tune.TuneConfig(scheduler=_scheduler(exp, specs),
+        tune_config=tune.TuneConfig(scheduler=scheduler,
                                     max_concurrent_trials=exp.resources.max_concurrent, reuse_actors=False),
         run_config=tune.RunConfig(
             name=f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -84,4 +93,4 @@ def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: floa
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks, verbose=0),
     )
-    return tuner.fit()
+    return tuner.fit(), getattr(scheduler, "stopped", set())

@@ -64,8 +64,11 @@ def test_heal_and_evaluate_share_it_and_one_loss():
     from ray_prune.core import loss
     from ray_prune.core.heal import loop
 
-    assert loop.pack_texts is pack_texts and loss.pack_texts is pack_texts
+    from ray_prune.core import packing
+
+    assert loop.pack_texts is pack_texts and loop.pack_stream is packing.pack_stream is loss.pack_stream
     assert loop.next_token_loss is loss.next_token_loss
+    assert loop.targets is loss.targets is packing.targets
 
 
 @pytest.mark.parametrize("args,pattern", [((["just a few words"], 512), "fewer than one block"),

@@ -14,9 +14,9 @@ def test_load_results_reports_corrupt_files(tmp_path, capsys):
     s = Storage(str(tmp_path))
     write_row(s, {"experiment": "x", "cell_id": "a", "stage": "healed", "status": "finished", "model": "m",
                   "strategy": "deepest", "n": 1})
-    (tmp_path / "results" / "m" / "b-healed.parquet").write_bytes(b"PAR1 truncated")
-    whole = (tmp_path / "results" / "m" / "a-healed.parquet").read_bytes()  # a full disk: cut in half
-    (tmp_path / "results" / "m" / "c-healed.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "results" / "model_slug=m" / "b-healed.parquet").write_bytes(b"PAR1 truncated")
+    whole = (tmp_path / "results" / "model_slug=m" / "a-healed.parquet").read_bytes()  # a full disk: cut in half
+    (tmp_path / "results" / "model_slug=m" / "c-healed.parquet").write_bytes(whole[: len(whole) // 2])
     with pytest.warns(UserWarning, match="corrupt result file") as caught:
         df = load_results(str(tmp_path))
     assert len(df) == 1 and len(df.attrs["corrupt_files"]) == 2 and len(caught) == 2

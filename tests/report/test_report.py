@@ -210,26 +210,8 @@ def test_remote_storage_needs_out():
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, tokenizer):
-    import ray
-
-    from helpers import save_tiny_models, tiny_spec
-    from ray_prune.sweep.experiment import parse_experiment
-    from ray_prune.sweep.run import run_sweep
-
-    root = tmp_path_factory.mktemp("report")
-    save_tiny_models(root, ["tiny-llama"], tokenizer)
-    exp = parse_experiment(tiny_spec(
-        [str(root / "tiny-llama")], name="report",
-        heal={"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 0, "eval_every": 1, "val_sequences": 2,
-              "quantize": "none"},
-        resources={"cpus_per_trial": 1, "max_failures": 0}))
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
-        run_sweep(exp, storage=str(root / "store"), progress=False)
-    finally:
-        ray.shutdown()
-    return root / "store"
+def sweep(tiny_sweep):
+    return tiny_sweep
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -20,7 +20,7 @@ def _store(tmp_path, record: bool = True) -> Storage:
     write_row(s, {**row, "cell_id": "b", "status": "stopped", "n": 2})
     write_row(s, {**row, "cell_id": "c", "status": "failed", "n": 3,
                   "error": "Traceback (most recent call last):\n  File ...\nRuntimeError: out of memory"})
-    (tmp_path / "results" / "m" / "x-healed.parquet").write_bytes(b"PAR1 truncated")
+    (tmp_path / "results" / "model_slug=m" / "x-healed.parquet").write_bytes(b"PAR1 truncated")
     return s
 
 

@@ -12,24 +12,17 @@ subprocess with its own embedded Ray, as on a laptop, and SIGKILL it from here.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-import yaml
 
-from helpers import save_tiny_models, tiny_spec
-from ray_prune.sweep.experiment import parse_experiment
 import faults
 from faults import FAULT_ENV, KILL_ENV, KILL_ONCE_ENV
-from ray_prune.ledger.layout import slug
+from helpers import save_tiny_models, tiny_spec
+from ray_prune.ledger.layout import row_path
 from ray_prune.ledger.rows import load_results
+from ray_prune.sweep.experiment import parse_experiment
+from sweep.drivers import Driver, expected_rows
 
 STEPS = 4  # heal steps per cell in tests/tiny.yaml; checkpoints at 2 and 4
 
@@ -54,24 +47,13 @@ def _spec(models_dir: Path, name: str, models: list[str], **over) -> dict:
     return tiny_spec(name=name, models=[str(models_dir / m) for m in models], **over)
 
 
-def _expected(exp) -> set[tuple[str, str]]:
-    from ray_prune.sweep.grid import expand, model_num_layers
-    from ray_prune.sweep.grid import baseline_id
-
-    cells = expand(exp, {m.name: model_num_layers(m) for m in exp.models})
-    want = {(c.cell_id, "healed") for c in cells} | {(baseline_id(exp, m.name), "baseline") for m in exp.models}
-    if exp.eval.unhealed:
-        want |= {(c.unhealed_id, "unhealed") for c in cells}
-    return want
-
-
 def _assert_complete(exp, storage: Path):
     """Nothing missing, nothing duplicated, no partial rows, no stray temp files; returns the dataset."""
     df = load_results(str(storage))
     assert df.attrs["corrupt_files"] == []
     got = list(zip(df["cell_id"], df["stage"]))
     assert len(got) == len(set(got)), "duplicated rows"
-    assert set(got) == _expected(exp), f"missing {_expected(exp) - set(got)}, extra {set(got) - _expected(exp)}"
+    assert set(got) == expected_rows(exp), f"missing {expected_rows(exp) - set(got)}, extra {set(got) - expected_rows(exp)}"
     finished = df[df["status"] == "finished"]
     for col in ("c4_loss", "boolq_acc", "wall_s", "finished_at"):
         assert finished[col].notna().all(), f"a finished row lacks {col}"
@@ -108,70 +90,6 @@ def test_worker_killed_mid_heal_or_mid_write_is_retried_from_its_checkpoint(ray_
 
 
 # ----------------------------------------------------------------------------- driver kills (subprocess driver)
-
-
-class Driver:
-    """``ray-prune sweep`` in a subprocess with its own embedded Ray, its output collected line by line."""
-
-    def __init__(self, spec: dict, storage: Path, env: dict[str, str] | None = None) -> None:
-        path = storage.parent / f"{spec['name']}.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        full = {**os.environ, "PYTHONUNBUFFERED": "1", **(faults.environment(**env) if env else {})}
-        for k in ("RAY_ADDRESS", FAULT_ENV, KILL_ENV, KILL_ONCE_ENV):
-            if k not in (env or {}):
-                full.pop(k, None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "ray_prune.cli", "sweep", str(path), "--storage",
-                                      str(storage)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=full, start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self._reader.start()
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def kill_when(self, condition, timeout: float = 300) -> None:
-        """SIGKILL the driver as soon as ``condition()`` holds (None: it kills itself); check nothing outlives it."""
-        deadline = time.monotonic() + timeout
-        children: list[psutil.Process] = []
-        while condition is None or not condition():
-            if condition is None and self.proc.poll() is not None:
-                break
-            assert self.proc.poll() is None, f"the sweep ended before the kill point:\n{self.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"kill point not reached:\n{self.output()[-3000:]}"
-            try:
-                children = psutil.Process(self.proc.pid).children(recursive=True) or children
-            except psutil.NoSuchProcess:
-                pass
-            time.sleep(0.05)
-        if self.proc.poll() is None:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-            os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait() == -signal.SIGKILL, self.output()[-3000:]
-        # Ray's processes share the driver's fate: no orphan trial can go on writing rows. (Ray's dashboard and
-        # runtime-env agents poll for their raylet and follow a minute or two later; they write no rows.)
-        workers = [p for p in children if not _is_agent(p)]
-        _, alive = psutil.wait_procs(workers, timeout=60)
-        assert not alive, f"processes outlived the killed driver: {[p.name() for p in alive]}"
-
-    def wait_for(self, condition, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()[-3000:]
-            time.sleep(0.05)
-
-    def finish(self, timeout: float = 600, rc: int = 0) -> str:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        assert code == rc, self.output()[-3000:]
-        return self.output()
-
-
-def _is_agent(p: psutil.Process) -> bool:
-    try:
-        return p.name().endswith("Agent") or "agent" in " ".join(p.cmdline()[:3])
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _rows(storage: Path) -> dict[str, int]:
@@ -231,4 +149,4 @@ def test_driver_killed_writing_a_failed_row_then_only_failed_cells_rerun(models_
     assert set(df["status"]) == {"finished"}
     after = _rows(storage)
     changed = sorted(p for p in after if after[p] != before.get(p))
-    assert changed == [f"results/{slug(faulty)}/{failed['cell_id'].iloc[0]}-healed.parquet"]
+    assert changed == [row_path(faulty, failed["cell_id"].iloc[0], "healed")]

@@ -59,6 +59,15 @@ def test_grid_runs_resumes_and_extends(ray_local, models_dir, tmp_path):
         assert healed[col].notna().all(), col
     assert (healed["tokens_seen"] == 4 * 2 * 32).all()
     assert len(list((storage / "tables").glob("*.parquet"))) == 1
+    # Each cell's pruning as a mergekit passthrough config: the kept layers are exactly the row's complement.
+    import yaml
+
+    configs = sorted((storage / "mergekit").rglob("*.yaml"))
+    assert len(configs) == 4
+    for _, row in healed.iterrows():
+        config = yaml.safe_load(next(p for p in configs if p.stem == row["cell_id"]).read_text())
+        kept = [i for s in config["slices"] for i in range(*s["sources"][0]["layer_range"])]
+        assert kept == [i for i in range(6) if i not in set(row["removed_layers"])]
 
     # Round trip through pandas, and a rerun that finds everything done adds nothing.
     files = sorted((storage / "results").rglob("*.parquet"))

@@ -21,6 +21,7 @@ import torch
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.errors import UserError
 
+ADAPTER_RECORD = "ray_prune.json"  # next to an adapter: the model it was trained on, and how it was scored
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_JSON = "trainer_state.json"
 STATE_PT = "training_state.pt"
@@ -46,6 +47,22 @@ def save_adapter_files(peft_model, directory: Path) -> None:
     readme = directory / "README.md"  # peft's model-card stub says nothing we do not record ourselves
     if readme.is_file():
         readme.unlink()
+
+
+def write_adapter_record(directory: Path, base_model: str, removed_layers: list[int], original_num_layers: int,
+                         quantize: str, dtype: str, eval_precision: str, **extra: Any) -> None:
+    """What ``ray-prune eval --adapter`` needs to score an adapter exactly as the sweep did: the base model, the
+    layers removed from it, and the precision it was trained and scored in."""
+    record = {"base_model": base_model, "removed_layers": list(removed_layers),
+              "original_num_layers": original_num_layers, "quantize": quantize, "dtype": dtype,
+              "eval_precision": eval_precision, **extra}
+    (directory / ADAPTER_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def read_adapter_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """The record next to an adapter, or {} for an adapter written by something else."""
+    path = Path(directory) / ADAPTER_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_checkpoint(root: Path, peft_model, optimizer, scheduler, step: int, state: dict[str, Any]) -> Path:

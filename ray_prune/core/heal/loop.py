@@ -30,8 +30,9 @@ from ray_prune.core.heal.checkpoint import (CHECKPOINT_PREFIX, find_checkpoint, 
                                             save_checkpoint)
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.heal.schedule import SampleOrder, lr_factor
+from ray_prune.core.data import TextSource, iter_role
 from ray_prune.core.loss import next_token_loss
-from ray_prune.core.packing import pack_texts
+from ray_prune.core.packing import pack_stream, pack_texts, scored_bos, targets
 
 
 @dataclass
@@ -51,29 +52,40 @@ def blocks_hash(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def train_blocks_for(tokenizer, config: HealConfig, data_dir: str | None = None,
+                     source: TextSource | None = None) -> torch.Tensor:
+    """Exactly the packed training blocks ``config`` consumes (steps x sequences per step), from the C4 heal role."""
+    need = config.steps * config.sequences_per_step
+    return pack_stream(iter_role("heal", "c4", data_dir, source), tokenizer, config.seq_len, max_blocks=need)
+
+
+def selection_blocks_for(tokenizer, seq_len: int, val_sequences: int, data_dir: str | None = None,
+                         source: TextSource | None = None) -> torch.Tensor:
+    """The fixed heal validation blocks, from the C4 selection role (never the test role the rows report)."""
+    return pack_stream(iter_role("selection", "c4", data_dir, source), tokenizer, seq_len, max_blocks=val_sequences)
+
+
 def heal_blocks(tokenizer, config: HealConfig, train_texts: Sequence[str] | None,
                 val_texts: Sequence[str] | None, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed training and validation blocks; texts default to the C4 heal and validation roles."""
-    from ray_prune.core.data import texts_for_tokens
+    """Packed training and validation blocks: of the given texts (all their blocks), else of the C4 roles."""
+    train = (pack_texts(train_texts, tokenizer, config.seq_len) if train_texts is not None
+             else train_blocks_for(tokenizer, config, data_dir))
+    val = (pack_texts(val_texts, tokenizer, config.seq_len, max_blocks=config.val_sequences) if val_texts is not None
+           else selection_blocks_for(tokenizer, config.seq_len, config.val_sequences, data_dir))
+    return train, val
 
-    step_seqs = config.sequences_per_step
-    if train_texts is None:
-        train_texts = texts_for_tokens("heal", config.steps * step_seqs * config.seq_len, tokenizer,
-                                       data_dir_path=data_dir)
-    if val_texts is None:
-        val_texts = texts_for_tokens("validation", config.val_sequences * config.seq_len, tokenizer,
-                                     data_dir_path=data_dir)
-    train_blocks = pack_texts(train_texts, tokenizer, config.seq_len)
-    val_blocks = pack_texts(val_texts, tokenizer, config.seq_len, max_blocks=config.val_sequences)
-    if val_blocks.shape[0] < config.val_sequences:
-        warnings.warn(f"validation text gives {val_blocks.shape[0]} blocks of {config.seq_len} tokens, "
+
+def _check_blocks(train: torch.Tensor, val: torch.Tensor, config: HealConfig) -> torch.Tensor:
+    """Warn where the data is short of what the settings ask for; the validation set capped at val_sequences."""
+    if val.shape[0] < config.val_sequences:
+        warnings.warn(f"validation text gives {val.shape[0]} blocks of {config.seq_len} tokens, "
                       f"fewer than val_sequences={config.val_sequences}; using all of them", stacklevel=3)
-    passes = config.steps * step_seqs / train_blocks.shape[0]
+    passes = config.steps * config.sequences_per_step / train.shape[0]
     if passes > 1:
-        warnings.warn(f"training text gives {train_blocks.shape[0]} blocks of {config.seq_len} tokens; "
-                      f"{config.steps} steps of {step_seqs} sequences make {passes:.2f} passes over it",
-                      stacklevel=3)
-    return train_blocks, val_blocks[: config.val_sequences]
+        warnings.warn(f"training text gives {train.shape[0]} blocks of {config.seq_len} tokens; "
+                      f"{config.steps} steps of {config.sequences_per_step} sequences make {passes:.2f} passes "
+                      "over it", stacklevel=3)
+    return val[: config.val_sequences]
 
 
 def _optimizer(params: list, config: HealConfig, device: torch.device):
@@ -99,12 +111,17 @@ def heal(
     resume_from: str | os.PathLike | None = None,
     data_dir: str | None = None,
     progress: bool = True,
+    train_blocks: torch.Tensor | None = None,
+    val_blocks: torch.Tensor | None = None,
 ):
     """Train LoRA adapters on packed text; return ``(peft_model, reports)``.
 
     ``model`` is a model from ``prepare_for_healing``, or anything that
     function accepts (it is then prepared here). Texts default to the C4
-    "heal" and "validation" roles, disjoint from calibration data. Every
+    "heal" role (exactly the blocks the steps consume) and the "selection" role
+    (validation), disjoint from calibration data and from the test role the
+    reported loss uses; ``train_blocks``/``val_blocks`` pass packed blocks
+    instead (the sweep packs them once for all its trials). Every
     ``eval_every`` steps and at the last step the validation loss is computed
     on the first ``val_sequences`` packed blocks, a checkpoint is written if
     ``checkpoint_dir`` is given, and ``callback(report)`` runs; an exception
@@ -123,7 +140,12 @@ def heal(
     if not hasattr(model, "peft_config"):
         model = prepare_for_healing(model, config)
     device = next(model.parameters()).device
-    train_blocks, val_blocks = heal_blocks(tokenizer, config, train_texts, val_texts, data_dir)
+    if train_blocks is None or val_blocks is None:
+        packed = heal_blocks(tokenizer, config, train_texts, val_texts, data_dir)
+        train_blocks = packed[0] if train_blocks is None else train_blocks
+        val_blocks = packed[1] if val_blocks is None else val_blocks
+    val_blocks = _check_blocks(train_blocks, val_blocks, config)
+    bos = scored_bos(tokenizer)
     data_hash = blocks_hash(train_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -143,7 +165,7 @@ def heal(
         remove_stale(ckpt_root)
 
     def on_eval(step: int, lr: float, train_loss: float, t0: float) -> None:
-        val = next_token_loss(model, val_blocks, batch_size=config.batch_size)
+        val = next_token_loss(model, val_blocks, batch_size=config.batch_size, bos=bos)
         report = HealReport(step=step, train_loss=train_loss, val_loss=val,
                             tokens_seen=step * config.sequences_per_step * config.seq_len, lr=lr,
                             elapsed_s=prior_elapsed + time.perf_counter() - t0)
@@ -157,12 +179,12 @@ def heal(
         if callback is not None:
             callback(report)
 
-    _train(model, params, optimizer, scheduler, train_blocks, config, start_step, on_eval, progress)
+    _train(model, params, optimizer, scheduler, train_blocks, bos, config, start_step, on_eval, progress)
     return model, reports
 
 
-def _train(model, params, optimizer, scheduler, train_blocks: torch.Tensor, config: HealConfig, start_step: int,
-           on_eval: Callable[[int, float, float, float], None], progress: bool) -> None:
+def _train(model, params, optimizer, scheduler, train_blocks: torch.Tensor, bos: int | None, config: HealConfig,
+           start_step: int, on_eval: Callable[[int, float, float, float], None], progress: bool) -> None:
     """Steps ``start_step + 1 .. config.steps``; ``on_eval(step, lr, mean train loss, t0)`` at each evaluation."""
     from tqdm.auto import tqdm
 
@@ -181,7 +203,7 @@ def _train(model, params, optimizer, scheduler, train_blocks: torch.Tensor, conf
             for micro in range(config.grad_accum):
                 first = ((step - 1) * config.grad_accum + micro) * config.batch_size
                 ids = train_blocks[order.indices(first, config.batch_size)].to(device, non_blocking=True)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = model(input_ids=ids, labels=targets(ids, bos), use_cache=False).loss
                 (loss / config.grad_accum).backward()
                 loss_sum += loss.detach().to(acc_dtype)
                 loss_count += 1

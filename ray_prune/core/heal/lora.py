@@ -134,49 +134,66 @@ def prepare_for_healing(model_path_or_model: str | os.PathLike | nn.Module, conf
     model.config.use_cache = False
     torch.manual_seed(config.seed)  # LoRA A init is random: same seed, same adapter
     peft_model = wrap(model, lora)
-    setattr(peft_model, BASE_ATTR, {"path": base_path, "dtype": str(dtype).removeprefix("torch."),
+    setattr(peft_model, BASE_ATTR, {"path": base_path or str(getattr(model.config, "_name_or_path", "") or ""),
+                                    "dtype": str(dtype).removeprefix("torch."),
                                     "quantize": "nf4" if is_4bit(model) else "none"})
     if cleanup is not None:
         weakref.finalize(peft_model, shutil.rmtree, cleanup, True)
     return peft_model
 
 
-def merge_adapter(peft_model, inplace: bool = False) -> nn.Module:
-    """A plain transformers model with the adapter folded into its weights, ready for ``save_pretrained``.
-
-    For an NF4 model the base is reloaded unquantized (in the healing compute
-    dtype) from its directory and the adapter merged there: folding the update
-    into 4-bit weights would re-quantize it and lose most of the healing. For
-    ``quantize="none"`` the merge works on a copy unless ``inplace`` (which
-    saves memory but consumes ``peft_model``).
-    """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+def _full_precision_base(peft_model) -> nn.Module:
+    """The unquantized base of a 4-bit PeftModel, in fp32: reloaded from its checkpoint and pruned like it."""
     from transformers import AutoModelForCausalLM
 
-    base = peft_model.get_base_model()
-    if not is_4bit(base):
-        target = peft_model if inplace else copy.deepcopy(peft_model)
-        merged = target.merge_and_unload()
-        merged.config.use_cache = True
-        return merged.eval()
+    from ray_prune.core.prune import prune_layers
+
     info = getattr(peft_model, BASE_ATTR, None) or {}
-    adapter = peft_model.active_adapter
-    path = info.get("path") or peft_model.peft_config[adapter].base_model_name_or_path
+    base = peft_model.get_base_model()
+    path = info.get("path") or str(getattr(base.config, "_name_or_path", "") or "")
     if not path or not (Path(path) / "config.json").is_file():
         raise UserError(f"the unquantized base of this 4-bit model is not on disk (looked for {path!r})",
-                        "prepare the model from a saved directory, or save the adapter and apply it to the "
-                        "full-precision model yourself")
-    dtype = getattr(torch, info.get("dtype", "float32"))
+                        "prepare the model from a saved directory or a bundled name, or save the adapter and apply "
+                        "it to the full-precision model yourself")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    kept = (getattr(base.config, "layer_pruning", None) or {}).get("kept_layers")
+    n = plain.config.num_hidden_layers
+    if kept is not None and n != len(kept):  # the checkpoint is the original model: prune it the same way
+        original = (getattr(plain.config, "layer_pruning", None) or {}).get("kept_layers", list(range(n)))
+        prune_layers(plain, [i for i, layer in enumerate(original) if layer not in set(kept)])
+    return plain
+
+
+def merge_adapter(peft_model, inplace: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain transformers model with the adapter folded into its weights, for export (``save_pretrained``).
+
+    The merge is computed in fp32 and cast once to ``dtype`` (default: the dtype the base was healed in).
+    Merging into bf16 weights in bf16 (``weight += delta`` on the bf16 grid) drops every part of the
+    update below half a bf16 step, which at the paper's learning rates is much or all of it (peft issue
+    1388). For an NF4 base the unquantized weights are reloaded in fp32 from the checkpoint and pruned
+    like the model: folding the update into 4-bit weights would re-quantize it away. Scores in a sweep are
+    taken on the model as trained (the adapter unmerged), not on this copy.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    info = getattr(peft_model, BASE_ATTR, None) or {}
+    out_dtype = dtype or getattr(torch, info.get("dtype", "float32"))
     device = next(peft_model.parameters()).device
-    with torch.random.fork_rng(devices=[]):  # fresh LoRA init must not disturb the caller's RNG stream
-        plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
-        lora = copy.deepcopy(peft_model.peft_config[adapter])
-        lora.inference_mode = True
-        wrapped = wrap(plain, lora)
-    result = set_peft_model_state_dict(wrapped, get_peft_model_state_dict(peft_model, adapter_name=adapter))
-    bad = [k for k in getattr(result, "missing_keys", []) if "lora_" in k] + list(result.unexpected_keys)
-    if bad:
-        raise RuntimeError(f"adapter does not fit the reloaded base: {bad[:5]}")
-    merged = wrapped.merge_and_unload()
+    if not is_4bit(peft_model.get_base_model()):
+        target = peft_model if inplace else copy.deepcopy(peft_model)
+        merged = target.float().merge_and_unload()
+    else:
+        adapter = peft_model.active_adapter
+        with torch.random.fork_rng(devices=[]):  # fresh LoRA init must not disturb the caller's RNG stream
+            lora = copy.deepcopy(peft_model.peft_config[adapter])
+            lora.inference_mode = True
+            wrapped = wrap(_full_precision_base(peft_model), lora)
+        state = {k: v.float() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter).items()}
+        result = set_peft_model_state_dict(wrapped, state)
+        bad = [k for k in getattr(result, "missing_keys", []) if "lora_" in k] + list(result.unexpected_keys)
+        if bad:
+            raise RuntimeError(f"adapter does not fit the reloaded base: {bad[:5]}")
+        merged = wrapped.merge_and_unload()
+    merged = merged.to(device=device, dtype=out_dtype)
     merged.config.use_cache = True
     return merged.eval()

@@ -40,7 +40,7 @@ def heal_texts(data_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def val_texts(data_dir) -> list[str]:
-    return load_texts("validation", 2)
+    return load_texts("selection", 2)
 
 
 def _lora_layers(model) -> dict[str, torch.nn.Module]:
@@ -234,7 +234,7 @@ def test_qlora_heals_a_layer_pruned_smollm2(tokenizer, data_dir, tmp_path):
     mlp, attn = base.model.layers[0].mlp, base.model.layers[0].self_attn
     assert isinstance(mlp.down_proj.base_layer, bnb.nn.Linear4bit) and isinstance(attn.v_proj, bnb.nn.Linear4bit)
 
-    train, val = load_texts("heal", 12), load_texts("validation", 4)
+    train, val = load_texts("heal", 12), load_texts("selection", 4)
     val_blocks = pack_texts(val, tokenizer, 128)[:4]
     before = validation_loss(model, val_blocks, batch_size=4)
     model, reports = heal(model, tokenizer, config, train_texts=train, val_texts=val, progress=False)

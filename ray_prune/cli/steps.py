@@ -1,0 +1,193 @@
+"""``ray-prune profile | prune | heal | eval``: each step of the method on one model, reading what the last wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ray_prune.errors import UserError
+
+
+def _load(args, model: str | None = None):
+    from ray_prune.core.models import load_model
+
+    return load_model(model or args.model, dtype=args.dtype, device=args.device,
+                      trust_remote_code=args.trust_remote_code)
+
+
+def _calibration(args, model, tok):
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.profile import profile
+
+    texts = load_texts("calibration", args.samples, data_dir_path=args.data_dir)
+    return profile(model, tok, texts, metric=args.metric, batch_size=args.batch_size, max_length=args.max_length,
+                   model_id=args.model, progress=not args.quiet)
+
+
+def cmd_profile(args) -> int:
+    from ray_prune.core.select import optimal_starts
+
+    model, tok = _load(args)
+    table = _calibration(args, model, tok)
+    out = Path(args.out)
+    path = table.save(out / "distance.parquet" if out.suffix != ".parquet" else out)
+    print(f"{table.model_id}: {table.num_layers} layers, metric {table.metric}, {table.samples} samples, "
+          f"{table.tokens} tokens -> {path}")
+    print("  n  l*(n)  d")
+    for n, l, d in optimal_starts(table):
+        print(f"{n:3d}  {l:5d}  {d:.4f}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from ray_prune.core.architecture import num_layers
+    from ray_prune.core.distance import DistanceTable
+    from ray_prune.core.prune import prune_layers
+    from ray_prune.core.select import layers_to_remove, n_from_fraction
+
+    if not args.out and not args.mergekit_config:
+        raise UserError("prune needs somewhere to write", "pass --out DIR, --mergekit-config FILE, or both")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty", "choose a new --out or remove it")
+    if args.mergekit_config and Path(args.mergekit_config).is_dir():
+        raise UserError(f"--mergekit-config {args.mergekit_config} is a directory",
+                        "pass a file name, e.g. prune.yaml")
+    if args.fraction is not None and not 0.0 <= args.fraction < 1.0:  # fail before loading anything
+        raise UserError(f"fraction {args.fraction} is outside [0, 1)", "use a fraction of layers such as 0.25")
+    model = tok = None
+    if out is not None or (args.strategy == "similarity" and not args.table):
+        model, tok = _load(args)
+        L = num_layers(model)
+    else:  # config only: the layer count is in the config, no weights needed
+        from transformers import AutoConfig
+
+        from ray_prune.core.models import resolve
+
+        try:
+            config = AutoConfig.from_pretrained(resolve(args.model), trust_remote_code=args.trust_remote_code)
+        except OSError as e:
+            raise UserError(f"cannot read the config of model {args.model!r}: {str(e).splitlines()[0]}",
+                            "check the hub id or local path (and HF_TOKEN for gated models)") from None
+        L = config.num_hidden_layers
+    n = n_from_fraction(args.fraction, L) if args.fraction is not None else args.n
+    table = None
+    if args.strategy == "similarity":
+        table = DistanceTable.load(args.table) if args.table else _calibration(args, model, tok)
+    remove = layers_to_remove(args.strategy, L, n=n, table=table, layers=args.layers)
+    if args.mergekit_config:  # before the model is saved: a config mergekit cannot build fails fast
+        from ray_prune.core.export import write_mergekit_config
+
+        path = write_mergekit_config(args.mergekit_config, args.model, L, remove, args.dtype)
+        print(f"mergekit config -> {path} (run: mergekit-yaml {path} OUT_DIR)")
+    if out is not None:
+        prune_layers(model, remove)
+        model.config.layer_pruning["strategy"] = args.strategy
+        _save_model(model, tok, out)
+    print(f"removed {len(remove)} of {L} layers {remove} ({args.strategy})" + (f" -> {out}" if out else ""))
+    return 0
+
+
+def _save_model(model, tok, out: Path) -> None:
+    """save_pretrained into a temp dir, then rename: no half-written model directories."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _heal_config(args):
+    import dataclasses
+
+    from ray_prune.core.heal.config import HealConfig
+
+    return HealConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HealConfig)})
+
+
+def cmd_heal(args) -> int:
+    from ray_prune.core.heal.lora import merge_adapter, prepare_for_healing
+    from ray_prune.core.heal.loop import heal
+    from ray_prune.core.models import load_tokenizer, resolve
+
+    config = _heal_config(args)
+    config.validate()
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = prepare_for_healing(resolve(args.model), config, device=args.device)
+
+    def show(r) -> None:
+        print(f"step {r.step:5d}  train {r.train_loss:.4f}  val {r.val_loss:.4f}  tokens {r.tokens_seen}")
+
+    out = Path(args.out)
+    model, reports = heal(model, tok, config, callback=show, checkpoint_dir=out, resume_from=args.resume,
+                          data_dir=args.data_dir, progress=not args.quiet)
+    from ray_prune.core import dtypes
+    from ray_prune.core.architecture import num_layers
+    from ray_prune.core.heal.checkpoint import write_adapter_record
+
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    write_adapter_record(out, args.model, [], num_layers(model), config.quantize, str(dtype).removeprefix("torch."),
+                         f"nf4+{dtypes.short_name(dtype)}" if config.quantize == "nf4" else dtypes.short_name(dtype))
+    if args.merge:
+        _save_model(merge_adapter(model), tok, out / "merged")
+    print(f"adapter -> {out}" + (f", merged model -> {out / 'merged'}" if args.merge else ""))
+    return 0
+
+
+def _load_for_eval(args):
+    """The model to score: with ``--adapter``, its base loaded in the precision the adapter was scored in and
+    pruned as its record says (when MODEL is the unpruned model), the adapter applied unmerged."""
+    from ray_prune.core.architecture import num_layers
+    from ray_prune.core.heal.checkpoint import read_adapter_record
+    from ray_prune.core.models import load_model
+    from ray_prune.core.prune import prune_layers
+
+    record = read_adapter_record(args.adapter) if args.adapter else {}
+    quantize = args.quantize or record.get("quantize", "none")
+    dtype = args.dtype if args.dtype != "auto" else record.get("dtype", "auto")
+    model, tok = load_model(args.model, dtype=dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                            quantize=quantize)
+    if not args.adapter:
+        return model, tok
+    removed, L = record.get("removed_layers") or [], record.get("original_num_layers")
+    if removed and num_layers(model) == L:
+        prune_layers(model, removed)
+    elif L is not None and num_layers(model) != L - len(removed):
+        raise UserError(f"{args.model} has {num_layers(model)} layers; the adapter was trained on {L - len(removed)} "
+                        f"({L} less layers {removed})", f"pass the unpruned {record.get('base_model')} or its pruned copy")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, args.adapter).eval(), tok
+
+
+def cmd_eval(args) -> int:
+    from ray_prune.core.evaluation.harness import evaluate
+    from ray_prune.core.evaluation.tasks import resolve_tasks
+
+    tasks = [] if args.tasks.strip() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
+    if tasks:
+        resolve_tasks(tasks)  # unknown tasks fail before anything loads
+    model, tok = _load_for_eval(args)
+    scores = evaluate(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir,
+                      c4_sequences=args.c4_sequences, seq_len=args.seq_len, batch_size=args.batch_size,
+                      progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(scores, indent=2))
+    tmp.replace(out)
+    for k, v in scores.items():
+        print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
+    return 0
+
+

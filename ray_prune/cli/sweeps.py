@@ -1,0 +1,55 @@
+"""``ray-prune sweep | report | status``: an experiment on Ray, and what its storage holds."""
+
+from __future__ import annotations
+
+
+def cmd_sweep(args) -> int:
+    from ray_prune.sweep.experiment import load_experiment
+
+    exp = load_experiment(args.experiment)
+    if args.check:
+        return _check(exp, args)
+    from ray_prune.report.status import summary_table
+    from ray_prune.sweep.run import run_sweep
+
+    df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet)
+    print(summary_table(df))
+    # Non-zero when a cell failed for good, so `ray job submit` and scripts see it; rerunning retries those cells.
+    return 1 if (df["status"] == "failed").any() else 0
+
+
+def _check(exp, args) -> int:
+    """``sweep --check``: everything validated, the grid and the memory plan printed, nothing run."""
+    from ray_prune.core.memory import format_plan_table
+    from ray_prune.sweep.plan import plan
+
+    p = plan(exp, args.storage, args.rerun, check=True, gpu_memory_gb=args.gpu_memory_gb)
+    where = p.storage.uri if p.storage is not None else (args.storage or exp.storage)
+    print(f"{exp.name}: {len(p.cells)} cells ({len(p.pending)} to run) over "
+          f"{', '.join(f'{m} (L={L})' for m, L in p.layers.items())} -> {where}")
+    if p.storage_note:
+        print(p.storage_note)
+    if p.memory:
+        sources = {m.model: m.config_source for m in p.memory}
+        print(format_plan_table(p.memory))
+        print("configs: " + ", ".join(f"{m} ({s})" for m, s in sources.items()))
+    else:
+        print("no memory plan: set resources.gpu_memory_gb (or pass --gpu-memory-gb) for GPU trials")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ray_prune.report.write import write_report
+
+    index = write_report(args.storage, args.out)
+    print(f"report -> {index}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from ray_prune.report.status import status_report
+
+    print(status_report(args.storage))
+    return 0
+
+

@@ -1,0 +1,351 @@
+"""The terms of a stage's peak memory: weights, activations, KV cache, logits, LoRA state.
+
+Sources of each term
+--------------------
+* Parameter counts: closed forms per family (:func:`param_count`), equal to the
+  meta-device build of all ten shipped configs and of a tiny config of every family
+  (``tests/core/test_memory.py``).
+* NF4 (bitsandbytes 0.50, ``bnb_4bit_use_double_quant``, blocksize 64): 0.5 byte per
+  weight + 1 byte (8-bit absmax) per 64 weights + 4 bytes per 256 absmax blocks +
+  ~1.1 KB of code books per tensor, measured with ``bitsandbytes.functional.quantize_4bit``.
+  transformers quantizes every ``nn.Linear`` but the LM head; embeddings, norms,
+  biases and the LM head stay in the compute dtype.
+* Training activations (:func:`train_layer_bytes`): the tensors autograd saves per
+  block, derived op by op and checked *exactly* against
+  ``torch.autograd.graph.saved_tensors_hooks`` on tiny models of every family on CPU
+  (transformers 5.24, peft 0.21, torch 2.13). Two ops save differently on CUDA, and
+  the CUDA variant is used here: dropout saves a bool mask (CPU: an fp32 noise
+  tensor) and layer_norm saves fp32 mean/rstd (CPU: compute dtype).
+  bitsandbytes' ``MatMul4Bit`` saves no activation (only the packed weight), so an
+  NF4 base saves the same tensors as a frozen bf16 one.
+* Gradient checkpointing (non-reentrant, per decoder block): one block input
+  (``c x H`` per token) per block, plus one block's saved tensors while it is
+  recomputed, checked with the same hooks.
+* The LM-head loss: transformers upcasts the logits to fp32 (``ForCausalLMLoss``) and
+  ``cross_entropy`` saves its fp32 log-softmax; the backward peak holds that, the
+  incoming gradient and the result: 12 bytes per logit (+ ``c`` for Gemma-2's saved
+  tanh softcap). Not a saved tensor, so *derived*, not measured.
+* Inference transients (profile, evaluation): the live tensors of one block at its
+  widest point (the MLP: 3 intermediates; or attention), derived from the modeling
+  code, not measured. KV cache: lm-eval calls ``model(inps)`` with the config's
+  ``use_cache`` (True for these models), so a forward holds every layer's K and V
+  until it returns; the C4 loss and the profile pass ``use_cache=False``.
+* lm-eval context: the longest loglikelihood request of each task (context plus
+  continuation, with the task's shots), measured in characters on the local data
+  mirror through lm-eval's own request builder; tokens = characters / 3.0, an
+  assumed lower bound on characters per token (measured 3.75-5.0 with the SmolLM2
+  and Gemma-3 tokenizers on those requests; Llama-2's 32k vocabulary is less
+  efficient than either, hence the margin); capped at lm-eval's ``max_length``
+  (``max_position_embeddings``). Unmeasured (task, shots) use that cap.
+* Attention: SDPA (transformers' default) keeps O(T) memory (flash / memory-efficient
+  kernels; only the bool mask is T x T), using GQA natively when there is no mask;
+  Gemma-2 runs eager attention (``_supports_sdpa = False``), which materialises
+  ``B x heads x T x T`` scores (fp32 softmax, compute-dtype scores and probabilities).
+* CUDA context and allocator: 1 GiB per GPU (context, cuBLAS workspace, kernels; an
+  assumption, not measured here: no GPU) plus 5% of the tensor peak for the caching
+  allocator's rounding and fragmentation (assumed).
+
+Accuracy
+--------
+Weights are exact to the byte for bf16/fp32 and to ~0.01% for NF4. Saved training
+activations are exact for the modeling code they were checked on (bf16/fp16 compute;
+with fp32 compute the fp32 casts are no-ops that share storage, so fp32 is
+over-estimated by up to 4 bytes per LoRA input element). The backward transient of a
+block is bounded by that block's saved tensors (an assumption). Against torch's own
+CPU memory profiler (peak live tensor bytes, ``tests/core/test_memory.py`` and a
+one-off run at this commit) on the bundled models: a SmolLM2 bf16 LoRA step +2%
+(no checkpointing) and +4% (checkpointing) over measured; an lm-eval forward with
+its KV cache and log-softmax exact; (fp32 inference) the C4 loss +11% (SmolLM2) and +20% (Gemma-3);
+the angular profile forward -10% / -17% (the only terms found *under*, and small
+next to the weights); the block_influence profile +24%. Not measured on a GPU (none
+was available): CUDA kernels' workspaces, cuBLAS, and the context are the 1 GiB +
+5% assumption, and the evaluation term rests on the longest-prompt estimate. Treat a
+stage within ~10% of the GPU as "might not fit" (:data:`HEADROOM`). Units: GiB
+(2^30 bytes); an "80 GB" A100/H100 has 80 GiB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ray_prune.core.heal.config import HealConfig
+from ray_prune.core.memory_arch import Arch, Linear, dtype_bytes, nf4_bytes, param_count
+
+GIB = 1 << 30
+CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU; assumed (see the module docstring)
+ALLOCATOR_MARGIN = 0.05  # of the tensor peak; assumed
+LOGITS_BUDGET = 1 << 28  # ray_prune.core.loss.LOGITS_BUDGET: the C4 / validation loss caps a batch's logits
+REFERENCE_LOSS_BATCH = 8  # next_token_loss's default batch, which the profile stage's reference loss uses
+CHARS_PER_TOKEN = 3.0  # assumed lower bound for the seed tokenizers (see the module docstring)
+
+# Longest lm-eval loglikelihood request (context + continuation), in characters, per (task, shots), built
+# by lm-eval from the local data mirror at this commit (SmolLM2 / Gemma-3 tokens in the comments).
+TASK_LONGEST_CHARS: dict[tuple[str, int], int] = {
+    ("mmlu", 5): 14450,  # 3074 / 3019 tokens
+    ("boolq", 0): 4871,  # 1299 / 1260
+    ("arc_challenge", 25): 6907,  # 1393 / 1364
+    ("arc_easy", 25): 5334,  # 1134 / 1107
+    ("hellaswag", 10): 5503,  # 1173 / 1156
+    ("winogrande", 5): 790,  # 167 / 160
+    ("piqa", 0): 1106,  # 242 / 238
+}
+
+
+# --------------------------------------------------------------------------- the workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The batch and sequence settings that size each stage (an experiment's, for one model)."""
+
+    dtype: str = "auto"
+    calibration_batch: int = 8
+    calibration_length: int = 1024
+    calibration_samples: int = 128
+    metric: str = "angular"
+    eval_batch: int = 8
+    eval_seq_len: int = 1024
+    c4_sequences: int = 64
+    tasks: tuple[tuple[str, int], ...] = (("mmlu", 5), ("boolq", 0))  # (task, shots)
+    heal: tuple[HealConfig, ...] = (HealConfig(),)  # every heal point of the model's grid
+    heals: bool = True
+    unhealed: bool = True
+    eval_precision: str = "trained"  # eval.precision: trained (score in the heal precision) or full (merged)
+
+    def scored_precision(self) -> str:
+        """How rows are scored: ``nf4`` where cells are scored as trained on an NF4 base, else ``auto``."""
+        trained = self.eval_precision == "trained" and self.heals
+        return "nf4" if trained and any(h.quantize == "nf4" for h in self.heal) else "auto"
+
+    def eval_context(self, arch: Arch) -> int:
+        """Tokens of the longest lm-eval request (see the module docstring), capped at lm-eval's max_length."""
+        if not self.tasks:
+            return 0
+        longest = 0
+        for task in self.tasks:
+            chars = TASK_LONGEST_CHARS.get(task)
+            longest = max(longest, arch.max_length if chars is None else math.ceil(chars / CHARS_PER_TOKEN) + 1)
+        return min(longest, arch.max_length)
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a stage's peak."""
+
+    name: str
+    bytes: int
+    per_layer: bool  # split across GPUs with the blocks (a pipeline split by layers); else on one GPU
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """The peak GPU memory of one stage, on each of ``gpus`` GPUs."""
+
+    stage: str
+    precision: str
+    gpus: int
+    layers: int  # blocks the stage's model has
+    terms: tuple[Term, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Tensors on the busiest GPU: per-layer terms for its share of the blocks, every other term in full."""
+        share = math.ceil(self.layers / self.gpus) / self.layers if self.layers else 1.0
+        return int(sum(t.bytes * (share if t.per_layer else 1.0) for t in self.terms))
+
+    @property
+    def peak_bytes(self) -> int:
+        """Per GPU: tensors, the allocator margin on them, and the CUDA context."""
+        return int(self.tensor_bytes * (1 + ALLOCATOR_MARGIN)) + CUDA_CONTEXT_BYTES
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def fits(self, gpu_gib: float, headroom: float = 0.0) -> bool:
+        """Whether the peak leaves ``headroom`` (a share) of a ``gpu_gib`` GPU free."""
+        return self.peak_bytes <= (1 - headroom) * gpu_gib * GIB
+
+    def describe(self) -> str:
+        lines = [f"{self.stage} {self.precision} x{self.gpus}: {self.peak_gib:.1f} GiB per GPU"]
+        lines += [f"  {t.name}: {t.bytes / GIB:.2f} GiB{' (split by layers)' if t.per_layer else ''}"
+                  + (f" - {t.detail}" if t.detail else "") for t in self.terms]
+        lines += [f"  + {ALLOCATOR_MARGIN:.0%} allocator margin, {CUDA_CONTEXT_BYTES / GIB:.0f} GiB CUDA context"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def weight_terms(arch: Arch, layers: int, precision: str, compute: str = "auto", label: str = "weights") -> list[Term]:
+    """Weights of a model with ``layers`` blocks: blocks (split by layers) and embeddings/head/final norm."""
+    pc = param_count(arch)
+    c = dtype_bytes(compute if precision == "nf4" else precision)
+    if precision == "nf4":
+        block = sum(nf4_bytes(s) for s in pc.linear_sizes) + pc.layer_other * c
+        how = "NF4 linears, norms and biases in the compute dtype"
+    else:
+        block = (pc.layer_linear + pc.layer_other) * c
+        how = f"{precision}"
+    return [Term(f"{label}: {layers} blocks", layers * block, True, how),
+            Term(f"{label}: embeddings, LM head, final norm", (pc.embedding + pc.lm_head + pc.final_norm) * c, False,
+                 "kept in the compute dtype" if precision == "nf4" else "")]
+
+
+def _sum(terms: Iterable[Term]) -> int:
+    return sum(t.bytes for t in terms)
+
+
+def inference_layer_bytes(arch: Arch, tokens: int, c: int, context: int, masked: bool) -> int:
+    """Live tensors of one block at its widest point in a no-grad forward (derived from the modeling code).
+
+    Attention: input, normed input, q/k/v, rotated q/k, output, o_proj output, plus (with a mask and GQA) k/v
+    repeated to every head and (eager) the scores, fp32 softmax and probabilities. FFN: input, residual,
+    normed input and three intermediates (activation, up projection, their product).
+    """
+    H, I, q, k = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    attn = 3 * H + (q + 2 * k) + (q + k) + q
+    if masked and arch.kv_heads != arch.heads:
+        attn += 2 * q
+    attn_bytes = attn * c * tokens
+    if arch.eager:
+        attn_bytes += tokens * arch.heads * context * (2 * c + 4 + (c if arch.attn_softcap else 0))
+    ffn_bytes = (3 * H + 3 * I + (H if arch.parallel else 0)) * c * tokens
+    return max(attn_bytes, ffn_bytes)
+
+
+def train_layer_bytes(arch: Arch, c: int, rank: int, dropout: float, targets: Sequence[Linear], context: int,
+                      device: str = "cuda") -> float:
+    """Bytes autograd saves per token in one decoder block of a LoRA model on a frozen base (no checkpointing).
+
+    Checked exactly against ``saved_tensors_hooks`` on CPU (``device="cpu"``); the CUDA variant differs in the
+    two ops the module docstring names. ``context`` is the key length (eager attention saves T x T per head).
+    """
+    H, I, nh, kv, hd = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
+    q, k = nh * hd, kv * hd
+    if arch.norm == "rms":  # fp32 copy of the input and the rsqrt
+        norm = 4 * H + 4
+        norms = arch.norm_inputs_per_layer * norm
+    else:  # layer_norm: the input, and mean and rstd (fp32 on CUDA, compute dtype on CPU)
+        stats = 8 if device == "cuda" else 2 * c
+        norms = arch.norm_inputs_per_layer * c * H + arch.norms_per_layer * stats
+    if arch.qk_norm:
+        norms += 4 * (q + k) + 4 * (nh + kv) if arch.norm == "rms" else c * (q + k) + 8 * (nh + kv)
+    if arch.eager:  # q, k and v repeated to every head; fp32 softmax, probabilities (and the tanh of a softcap)
+        attn = 3 * c * q + nh * context * (4 + c + (c if arch.attn_softcap else 0))
+    else:  # SDPA: rotated q and k, v (or the fused qkv output it views), output, fp32 logsumexp
+        v = (q + 2 * k) if arch.fused_qkv else k
+        attn = c * (q + k + v + q) + 4 * nh
+        # A block that needs a mask (sliding window shorter than the sequence) repeats k and v to every head
+        # (transformers uses SDPA's native GQA only without a mask) and SDPA saves the mask as a float bias.
+        extra = (c * (q - k) * (1 if arch.fused_qkv else 2) if kv != nh else 0) + c * context
+        attn += arch.sliding_fraction(context) * extra
+    ffn = c * I * (arch.act_saves + (2 if arch.gated else 0))
+    lora = 0.0
+    for lin in targets:  # fp32 LoRA input (after dropout, whose mask is saved too) and lora_A's output
+        mask = 0 if dropout == 0 else (1 if device == "cuda" else 4)
+        lora += (4 + mask) * lin.fan_in + 4 * rank
+    return norms + attn + ffn + lora
+
+
+def lora_params(arch: Arch, layers: int, rank: int, targets: Sequence[Linear]) -> int:
+    return layers * sum(rank * (t.fan_in + t.fan_out) for t in targets)
+
+
+def _loss_batch(batch: int, seq_len: int, vocab: int) -> int:
+    """Blocks per forward of ``core.loss.next_token_loss``."""
+    return max(1, min(batch, LOGITS_BUDGET // (seq_len * vocab)))
+
+
+def _next_token_loss_bytes(arch: Arch, c: int, batch: int, seq_len: int) -> tuple[int, str]:
+    """Peak of ``next_token_loss`` over its weights: a forward, the capped logits and one row's fp32 cross-entropy."""
+    b = _loss_batch(batch, seq_len, arch.vocab)
+    logits = b * seq_len * arch.vocab * c * (2 if arch.final_softcap else 1)
+    fwd = inference_layer_bytes(arch, b * seq_len, c, seq_len, arch.sliding_window is not None
+                                and seq_len > arch.sliding_window)
+    per_row = 2 * seq_len * arch.vocab * 4
+    return max(fwd, logits + per_row), f"{b} x {seq_len} tokens per forward"
+
+
+def _lm_eval_bytes(arch: Arch, c: int, layers: int, batch: int, context: int) -> tuple[int, int, str]:
+    """(KV cache, other) of an lm-eval loglikelihood batch: the forward ends holding every layer's K/V and the
+    logits; log_softmax then holds logits and log-probabilities (in the model dtype)."""
+    tokens = batch * context
+    kv_cache = layers * 2 * tokens * arch.kv_heads * arch.head_dim * c
+    logits = tokens * arch.vocab * c
+    fwd_end = max(inference_layer_bytes(arch, tokens, c, context, False),
+                  logits * (2 if arch.final_softcap else 1) + 2 * tokens * arch.hidden * c)
+    return kv_cache, max(fwd_end, 2 * logits - kv_cache), f"batch {batch} x {context} tokens"
+
+
+def eval_terms(arch: Arch, w: Workload, c: int, layers: int) -> list[Term]:
+    """``trial.run_evaluation``: the lm-eval tasks, then the C4 loss; the larger of the two peaks."""
+    out: list[Term] = []
+    context = w.eval_context(arch)
+    lm = (0, 0, "")
+    if context:
+        lm = _lm_eval_bytes(arch, c, layers, w.eval_batch, context)
+    c4 = (0, "")
+    if w.c4_sequences:
+        c4 = _next_token_loss_bytes(arch, c, w.eval_batch, w.eval_seq_len)
+    if lm[0] + lm[1] >= c4[0]:
+        out.append(Term("eval: KV cache (lm-eval forward, use_cache)", lm[0], True, lm[2]))
+        out.append(Term("eval: logits and activations (lm-eval)", lm[1], False, lm[2]))
+    else:
+        out.append(Term("eval: C4 loss logits and activations", c4[0], False, c4[1]))
+    return out
+
+
+def profile_terms(arch: Arch, w: Workload, c: int) -> list[Term]:
+    """``core.profile.profile``: a decoder forward plus the captured unit vectors of every stream."""
+    B, T, L, H = w.calibration_batch, w.calibration_length, arch.layers, arch.hidden
+    tokens = B * T
+    rows = B if w.metric == "angular" else tokens  # angular keeps each sample's last token, others every token
+    vectors = (L + 1) * rows * H * 4
+    gram = rows * (L + 1) ** 2 * 4
+    fwd = inference_layer_bytes(arch, tokens, c, T, True) + B * T * T * (c if arch.eager else 1)
+    peak = max(vectors + fwd, 2 * vectors + 2 * gram)
+    return [Term("profile: forward and captured streams", peak, False,
+                 f"batch {B} x {T}, {w.metric}: {(vectors + gram) / GIB:.2f} GiB of vectors and Gram products")]
+
+
+def heal_terms(arch: Arch, config: HealConfig, layers: int, c: int) -> list[Term]:
+    """One QLoRA/LoRA training step, and the validation loss between steps (``heal.loop``)."""
+    B, T = config.batch_size, config.seq_len
+    tokens = B * T
+    targets = arch.targets(config.target)
+    P = lora_params(arch, layers, config.rank, targets)
+    per_layer = train_layer_bytes(arch, c, config.rank, config.dropout, targets, T)
+    block = int(per_layer * tokens)
+    out = [Term("LoRA weights, grads, AdamW moments (fp32)", 16 * P, True, f"{P:,} LoRA parameters, rank "
+                f"{config.rank} on {', '.join(t.name for t in targets)}")]
+    norm_saved = (4 * arch.hidden + 4) if arch.norm == "rms" else (c * arch.hidden + 8)
+    rest = tokens * (norm_saved + 8)  # final norm, labels
+    logits = tokens * arch.vocab * (12 + (c if arch.final_softcap else 0))
+    if config.gradient_checkpointing:
+        saved = layers * tokens * arch.hidden * c
+        out.append(Term("activations: block inputs (checkpointed)", saved, True, f"{B} x {T} tokens"))
+        transient = max(logits, 2 * block)  # one block recomputed, plus its backward
+        what = "max(loss backward, one block recomputed + its backward)"
+    else:
+        out.append(Term("activations: saved for backward", layers * block, True,
+                        f"{B} x {T} tokens, {per_layer / 1024:.0f} KiB per token per block"))
+        transient = max(logits, block)
+        what = "max(loss backward, one block's backward)"
+    out.append(Term("activations: LM-head loss and backward transient", rest + transient, False,
+                    f"{what}; logits {tokens * arch.vocab / 1e6:.0f}M"))
+    if config.quantize == "nf4":
+        largest = max(param_count(arch).linear_sizes)
+        out.append(Term("NF4 dequantized weight (transient)", largest * c, False, "the largest linear, compute dtype"))
+    val, how = _next_token_loss_bytes(arch, c, B, T)
+    train_act = _sum(out[1:])
+    if val - 4 * P > train_act:  # between steps, the grads are freed (zero_grad(set_to_none=True))
+        out[1:] = [Term("validation loss (no grad)", val - 4 * P, False, how)]
+    return out
+
+
