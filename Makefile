@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/ray-prune sweep experiments/smoke.yaml
+	$(VENV)/bin/ray-prune report results/smoke
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -34,7 +34,24 @@ def summary_table(df) -> str:
     if len(other):
         text += f"\n{len(other)} cell(s) not finished: " + ", ".join(
             f"{s}={c}" for s, c in Counter(other["status"]).items())
-    return text
+    return text + _size_note(ok)
+
+
+MEASUREMENT_QUESTIONS = 100  # fewer questions per task than this: scores move by whole tenths from noise alone
+
+
+def _size_note(ok: pd.DataFrame) -> str:
+    """Says so when the evaluations are too small to measure anything (a smoke run)."""
+    from ray_prune.core.evaluation.tasks import TASKS
+
+    sizes = [int(n) for t in TASKS if f"{t}_n" in ok for n in ok[f"{t}_n"].dropna()]
+    if not sizes or min(sizes) >= MEASUREMENT_QUESTIONS:
+        return ""
+    errors = [float(e) for t, spec in TASKS.items() for m in spec.metrics if f"{t}_{m}_stderr" in ok
+              for e in ok[f"{t}_{m}_stderr"].dropna()]
+    worst = f", standard errors up to {max(errors):.2f}" if errors else ""
+    return (f"\nnote: {min(sizes)} questions per task{worst}: a check of the pipeline, not a measurement "
+            f"(experiments/study.yaml measures; its results are in docs/study/)")
 
 
 def status_report(uri: str) -> str:

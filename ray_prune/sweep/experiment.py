@@ -78,7 +78,10 @@ class Evaluation(_Strict):
     c4_sequences: int = Field(64, ge=0)
     seq_len: int = Field(1024, ge=2)
     batch_size: int = Field(8, gt=0)
-    unhealed: bool = True
+    unhealed: Union[bool, Literal["loss"]] = Field(
+        True, description="true: each pruned model is also scored before healing, on every task; loss: before "
+        "healing only the C4 loss (the paper's before-healing comparison is that loss curve; this halves the QA "
+        "cost of a sweep); false: no unhealed rows")
     precision: Literal["trained", "full"] = Field(
         "trained", description="trained: every row of a cell is scored in the precision the cell heals in (an NF4 "
         "base for QLoRA; the adapter unmerged, as the paper scored it); full: the experiment's dtype, with the "

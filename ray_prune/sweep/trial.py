@@ -100,8 +100,9 @@ def _blocks(spec: TrialSpec, storage: Storage, role: str, count: int | None = No
 def evaluate_unhealed(spec: TrialSpec, storage: Storage, model, tok, family: str, how: Scoring) -> None:
     """Step 2: the pruned model's scores before healing (one trial per pruned model runs this)."""
     cell = spec.cell
+    ev = {**cell.eval, "tasks": {}} if cell.eval["unhealed"] == "loss" else cell.eval
     t = time.perf_counter()
-    scores = run_evaluation(model, tok, cell.eval, spec.data_dir, _blocks(spec, storage, "test"))
+    scores = run_evaluation(model, tok, ev, spec.data_dir, _blocks(spec, storage, "test"))
     wall = time.perf_counter() - t
     write_row(storage, cell_row(cell, "unhealed", "finished", family=family, **scores, eval_precision=how.label,
                                 loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss), wall_s=wall,

@@ -125,12 +125,22 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def _lm(model, tokenizer, batch_size: int, progress: bool):
-    """lm-eval's HF wrapper around the in-memory model (PEFT-wrapped and 4-bit models included)."""
+    """lm-eval's HF wrapper around the in-memory model (PEFT-wrapped and 4-bit models included).
+
+    lm-eval tokenizes and builds the requests; the continuations are scored by
+    ``score_continuations``, which runs the LM head only on the scored positions."""
     from lm_eval.models.huggingface import HFLM
 
+    from ray_prune.core.evaluation.loglikelihood import score_continuations
+
     class _HFLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            answers = score_continuations(self.model, requests, self.max_length, int(override_bs or self.batch_size),
+                                          self.device, progress=progress and not disable_tqdm)
+            for (request, _, _), answer in zip(requests, answers):
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+            return answers
 
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 

@@ -48,12 +48,18 @@ def _style_legend(ax, models: Sequence[str], colors: Mapping[str, str], labels: 
 
 def _line_values(points: pd.DataFrame, base: pd.DataFrame, model: str, strategy: str, stage: str,
                  fractions: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Values and standard errors at 0 (the baseline) and at each grid fraction; NaN where there is none."""
-    sel = points[(points["model"] == model) & (points["strategy"] == strategy) & (points["stage"] == stage)]
+    """Values and standard errors at 0 and at each grid fraction; NaN where there is none.
+
+    At 0 a line starts from the unpruned model: healed, where the grid has the fraction 0 (one cell that
+    every strategy shares, strategy ``none``), else the baseline."""
+    sel = points[(points["model"] == model) & (points["strategy"].isin([strategy, "none"]))
+                 & (points["stage"] == stage)]
     by_f = {_fkey(f): (v, e) for f, v, e in zip(sel["fraction_removed"], sel["value"], sel["stderr"])}
     ys = np.full(len(fractions) + 1, np.nan)
     es = np.full(len(fractions) + 1, np.nan)
-    if model in base.index:
+    if 0.0 in by_f:
+        ys[0], es[0] = by_f[0.0]
+    elif model in base.index:
         ys[0] = base.loc[model, "value"]
         es[0] = base.loc[model, "stderr"]
     for i, f in enumerate(fractions, start=1):
