@@ -274,7 +274,11 @@ def _next_token_loss_bytes(arch: Arch, c: int, batch: int, seq_len: int) -> tupl
 
 def _lm_eval_bytes(arch: Arch, c: int, layers: int, batch: int, context: int) -> tuple[int, int, str]:
     """(KV cache, other) of an lm-eval loglikelihood batch: the forward ends holding every layer's K/V and the
-    logits; log_softmax then holds logits and log-probabilities (in the model dtype)."""
+    logits; log_softmax then holds logits and log-probabilities (in the model dtype).
+
+    This is lm-eval's own HF path (measured in tests/core/test_memory.py). ``core.evaluation.loglikelihood``,
+    which the harness uses, builds no cache and computes logits only at scored positions, so for it this is an
+    upper bound: the plan errs on the side of fitting."""
     tokens = batch * context
     kv_cache = layers * 2 * tokens * arch.kv_heads * arch.head_dim * c
     logits = tokens * arch.vocab * c

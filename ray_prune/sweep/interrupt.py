@@ -4,7 +4,8 @@ An interrupted cell is neither ``failed`` nor ``stopped`` (ASHA's decision, a re
 healed row, so the next run of the same command runs it again. What happens depends on the stage the
 signal arrives in:
 
-- planning, profiling (stage 1), between stages: the sweep raises :class:`SweepInterrupted` at once;
+- planning, between stages: the sweep raises :class:`SweepInterrupted` at once; profiling (stage 1): within
+  half a second, once Ray's wait returns (raising inside it would surface as a SystemError);
 - the Tune grid (stage 2): Tune is asked to stop (through the SIGUSR1 handler it installs for exactly
   this), its loop ends after the current step, its trials are stopped, and the grid comes back; then
   only cells that failed before the signal get a ``failed`` row and only ASHA's stops a ``stopped`` row;
@@ -68,6 +69,8 @@ class Interrupts:
         first = self.signum is None
         if first:
             self.signum, self.at = signum, time.monotonic()
+        if self.phase == "waiting":
+            return  # raised by check() once Ray's wait returns (a second signal too: it comes within 0.5 s)
         if first and self.phase == "writing":
             return  # raised by check() once the rows are written
         if first and self.phase == "tune" and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):

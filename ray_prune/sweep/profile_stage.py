@@ -21,6 +21,7 @@ from ray_prune.ledger.rows import write_row
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
 from ray_prune.sweep.grid import baseline_id
+from ray_prune.sweep.interrupt import Interrupts, SweepInterrupted
 from ray_prune.sweep.plan import Plan
 from ray_prune.sweep import shared_blocks
 from ray_prune.sweep.rows import baseline_cell, cell_row
@@ -141,7 +142,24 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     return Profiled(blocks, references, losses, profile_s)
 
 
-def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool) -> dict[str, Profiled]:
+def _wait(fut, interrupts: Interrupts | None) -> None:
+    """Wait for ``fut`` in short slices: a blocking ``ray.get`` would hold Ctrl-C off for the whole stage, and a
+    signal raised inside Ray's wait surfaces as a SystemError, so the handler only records it here."""
+    import ray
+
+    while True:
+        if interrupts is None:
+            done = ray.wait([fut], timeout=0.5)[0]
+        else:
+            with interrupts.during("waiting"):
+                done = ray.wait([fut], timeout=0.5)[0]
+            interrupts.check()
+        if done:
+            return
+
+
+def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
+                      interrupts: Interrupts | None = None) -> dict[str, Profiled]:
     """Profile every model that still has work, one actor each, in parallel; fill in earlier baselines' losses."""
     import ray
 
@@ -158,6 +176,12 @@ def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool) ->
             g["profile"])
     out: dict[str, Profiled] = {}
     for name, fut in futures.items():
+        try:
+            _wait(fut, interrupts)
+        except SweepInterrupted:
+            for f in futures.values():
+                ray.cancel(f, force=True)  # on a shared cluster the actors would go on profiling for nobody
+            raise
         try:
             out[name] = ray.get(fut)
         except ray.exceptions.RayTaskError as e:

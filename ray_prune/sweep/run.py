@@ -70,7 +70,7 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     gpus, cpus = trial_resources(exp)
     per_model = _gpus_per_model(p, gpus, say)
     say(f"stage 1: profiling {len(p.models_with_work())} model(s) on {'GPU' if gpus else 'CPU'}")
-    profiled = run_profile_stage(p, per_model, cpus, rerun)
+    profiled = run_profile_stage(p, per_model, cpus, rerun, interrupts)
     tables = load_tables(p)
     specs = [_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"]) for c in p.pending]
 

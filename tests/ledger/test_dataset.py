@@ -4,7 +4,6 @@ and the next sweep on their root moves them into the dataset."""
 
 from __future__ import annotations
 
-import math
 
 import pandas as pd
 import pyarrow as pa

@@ -29,7 +29,7 @@ from ray_prune.sweep.grid import baseline_id, expand
 
 
 def _start(spec_path: Path, storage: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "ray_prune.cli", "sweep", str(spec_path), "--storage", str(storage)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -96,3 +96,36 @@ def test_sigint_then_sigterm_mid_trials_then_a_rerun_completes(experiment):
             | {(baseline_id(exp, exp.models[0].name), "baseline")})
     assert got == want and len(df) == len(want)
     assert set(df.loc[df["stage"] == "healed", "status"]) == {"finished"}
+
+
+def test_sigint_during_profiling_stops_within_seconds(tmp_path, tokenizer):
+    """Stage 1 (profiling actors, baseline evaluation) waits on Ray without blocking Python's signal handlers:
+    Ctrl-C there stops the sweep at once, not when the stage ends (here: all of MMLU 5-shot, minutes)."""
+    models = save_tiny_models(tmp_path, ["tiny-llama"], tokenizer)
+    base = tiny_spec()
+    spec = tiny_spec([str(models / "tiny-llama")], "stage1", fractions=[0.5],
+                     eval={**base["eval"], "tasks": {"mmlu": {"shots": 5}}})
+    path = tmp_path / "stage1.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    storage = tmp_path / "store"
+    proc = _start(path, storage)
+    lines = []
+    for line in proc.stdout:  # the driver prints this line as stage 1 starts
+        lines.append(line)
+        if line.startswith("stage 1:"):
+            break
+    time.sleep(3)
+    assert proc.poll() is None, "".join(lines)
+    os.killpg(proc.pid, signal.SIGINT)
+    t = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    seconds = time.monotonic() - t
+    assert proc.returncode == 130, "".join(lines) + out[-3000:]
+    assert seconds < 30, f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in out, out[-3000:]
+    assert not (storage / LOCK).exists()
+    assert not list(storage.glob("results/*/*-baseline.parquet"))  # the baseline was cut off, not written

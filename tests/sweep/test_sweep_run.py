@@ -16,7 +16,6 @@ import pytest
 from helpers import save_tiny_models, tiny_spec
 from ray_prune.errors import UserError
 from ray_prune.sweep.experiment import parse_experiment
-from ray_prune.ledger.rows import load_results
 import faults
 from faults import FAULT_ENV
 

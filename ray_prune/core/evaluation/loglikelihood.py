@@ -60,7 +60,7 @@ def score_continuations(model, requests: Sequence[Request], max_length: int, bat
         scored = torch.zeros(batch.shape, dtype=torch.bool, device=device)
         for row, (a, b) in enumerate(spans):
             scored[row, a:b] = True
-        logits = model(batch, logits_to_keep=scored).logits  # [scored positions, vocab], row by row
+        logits = model(batch, logits_to_keep=scored, use_cache=False).logits  # [scored positions, vocab]
         if logits.dim() == 3:  # a model that keeps every position: select them here
             logits = logits[scored]
         logprobs = F.log_softmax(logits.float(), dim=-1)
