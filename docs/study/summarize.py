@@ -5,8 +5,10 @@
     python docs/study/summarize.py results/study
 
 Writes ``docs/study/results.parquet`` (every row of the sweep, in the sweep's declared schema),
-``docs/study/tables/<model>.parquet`` (the distance tables) and ``docs/study/NUMBERS.md`` (the tables the
-write-up quotes: each figure with its standard error, each from the rows, nothing typed by hand).
+``docs/study/run/`` (the sweep's own ledger: its row files, distance tables and experiment record, so that
+``cp -r docs/study/run results/study && ray-prune sweep experiments/study.yaml`` runs only the cells not yet
+finished) and ``docs/study/NUMBERS.md`` (the tables the write-up quotes: each figure with its standard
+error, each from the rows, nothing typed by hand).
 """
 
 from __future__ import annotations
@@ -84,9 +86,11 @@ def main(storage: str) -> int:
     df = load_results(storage)
     tables = load_tables(storage)
     df.to_parquet(HERE / "results.parquet", index=False)
-    (HERE / "tables").mkdir(exist_ok=True)
-    for src in Path(storage, "tables").glob("*.parquet"):
-        shutil.copyfile(src, HERE / "tables" / src.name)
+    run = HERE / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    for part in ("results", "tables"):
+        shutil.copytree(Path(storage, part), run / part, ignore=shutil.ignore_patterns(".*"))
+    shutil.copyfile(Path(storage, "experiment.json"), run / "experiment.json")
     text = "\n\n".join([
         "# Study numbers\n\nWritten by `python docs/study/summarize.py results/study` from the sweep's rows; "
         "the write-up (README.md) quotes these tables.",
