@@ -9,6 +9,7 @@ the trials need.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -148,11 +149,9 @@ def _wait(fut, interrupts: Interrupts | None) -> None:
     import ray
 
     while True:
-        if interrupts is None:
+        with interrupts.during("waiting") if interrupts else contextlib.nullcontext():
             done = ray.wait([fut], timeout=0.5)[0]
-        else:
-            with interrupts.during("waiting"):
-                done = ray.wait([fut], timeout=0.5)[0]
+        if interrupts:
             interrupts.check()
         if done:
             return
