@@ -151,8 +151,9 @@ def sweep_scaling(cells: list[int]) -> None:
                   f"(R^2 {f['r2']:.3f})")
         print(f"\nEach sweep also profiles the model and evaluates its baseline in a Ray actor before its trials, "
               f"and starts a Tune controller: that is the fixed part. With {cpus} trial slots time grows in rounds "
-              f"of {cpus} cells. Each trial is a fresh Ray worker process; for this tiny model its start-up, imports "
-              "and model load outweigh its 4 heal steps, so the time per cell is mostly fixed cost per trial.")
+              f"of {cpus} cells. A worker process serves trial after trial (its start-up and imports are paid once per "
+              "slot); for this tiny model the model load, Tune's scheduling and the row writes still outweigh its 4 "
+              "heal steps, so the time per cell is mostly fixed cost per trial.")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

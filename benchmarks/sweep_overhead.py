@@ -4,11 +4,14 @@ Part 1 runs an experiment (default experiments/smoke.yaml) into fresh storage
 on a local Ray instance of its own and splits the trial-slot time (wall time x
 concurrent slots: with 1 CPU per trial, 2 trials run at once on 2 cores) into
 - the method's own work, read from the rows: profile, evaluation and heal seconds;
-- the rest of each trial's own wall time (model load + prune, saving the pruned
-  model, loading it in NF4 and attaching LoRA; the adapter merge before the
-  healed evaluation is counted in that evaluation);
-- everything else: Ray start, scheduling, process start and imports, the
-  profiling actors' model loads, Tune's bookkeeping, and slots left idle.
+- the rest of each trial's own wall time: the model load (straight into NF4 for
+  a QLoRA cell) and the in-memory prune, then attaching LoRA, saving the adapter
+  and writing the rows;
+- everything else: Ray start, scheduling, worker process start and imports (a
+  worker serves trial after trial: Tune's reuse_actors), stage 1 outside its
+  profile and baseline evaluation (packing the shared token blocks, the
+  profiling actors' model loads, the unpruned heal-reference losses), Tune's
+  bookkeeping, and slots left idle.
 Target: overhead (everything but method work) <= 10% of trial-slot time on CPU.
 
 Profiling once per model saves profile_s x (cells of that model - 1) against
@@ -23,6 +26,7 @@ whether both found the same best learning rate (lowest final heal loss).
 Tune starts trials in grid order, so the default grid is a shuffled log grid.
 
     python benchmarks/sweep_overhead.py experiments/smoke.yaml
+    python benchmarks/sweep_overhead.py experiments/study.yaml --results results/study --wall-s 4800 --slots 2
 """
 
 from __future__ import annotations
@@ -65,14 +69,30 @@ def _sum(frame, name: str) -> float:
 
 
 def overhead(experiment: str, work: str, ray_start: float) -> None:
-    import pandas as pd
-
     from ray_prune.sweep.experiment import load_experiment
 
     exp = load_experiment(experiment)
     k = slots(exp)
     df, sweep_wall, started = timed_sweep(exp, os.path.join(work, "overhead"))
-    wall = sweep_wall + ray_start
+    analyze(exp, experiment, df, sweep_wall + ray_start, started, k, ray_start)
+
+
+def overhead_of_run(experiment: str, results: str, wall: float, k: int) -> None:
+    """The same split for a sweep that already ran from scratch (one that takes an hour is not rerun for this):
+    its rows, its measured wall time and its slot count. The start is the last row's time minus the wall time."""
+    import pandas as pd
+
+    from ray_prune.ledger.rows import load_results
+    from ray_prune.sweep.experiment import load_experiment
+
+    df = load_results(results)
+    end = pd.to_datetime(df["finished_at"], utc=True).max().timestamp()
+    analyze(load_experiment(experiment), f"{experiment}, the run in {results}", df, wall, end - wall, k, 0.0)
+
+
+def analyze(exp, experiment: str, df, wall: float, started: float, k: int, ray_start: float) -> None:
+    import pandas as pd
+
     base = df[df["stage"] == "baseline"]
     unhealed = df[df["stage"] == "unhealed"]
     healed = df[(df["stage"] == "healed") & (df["status"] == "finished")]
@@ -112,9 +132,9 @@ def overhead(experiment: str, work: str, ray_start: float) -> None:
         print(f"| method: {label} | {s:.0f} | {s / slot_time:.3f} |")
     print(f"| **method work, total** | {method:.0f} | {method / slot_time:.2f} |")
     print(f"| not method, in trials: model load + prune | {loads:.0f} | {loads / slot_time:.2f} |")
-    print(f"| not method, in trials: save the pruned model, reload it in NF4, attach LoRA | {in_trial:.0f} | "
+    print(f"| not method, in trials: attach LoRA, save the adapter, write rows | {in_trial:.0f} | "
           f"{in_trial / slot_time:.2f} |")
-    print(f"| not method, outside trials: Ray start, process start + imports, profiling actors' model loads, "
+    print(f"| not method, outside trials: Ray start, worker start + imports, stage 1 beyond its method work, "
           f"Tune, idle slots | {rest:.0f} | {rest / slot_time:.2f} |")
     print(f"| **overhead (all but method work)** | {slot_time - method:.0f} | **{over:.2f}** |")
     print(f"\noverhead share {over:.2f}, target <= {TARGET:.2f}: **{verdict(over, TARGET, at_least=False)}**")
@@ -126,16 +146,17 @@ def overhead(experiment: str, work: str, ray_start: float) -> None:
                     + work_s["healed evaluations (adapter merge included)"]) / n_cells
         fixed = (loads + in_trial + outside) / n_cells
         print(f"\nWhat limits it: a fixed cost per trial, {fixed:.0f} s of slot time against {per_cell:.0f} s of "
-              f"method work per cell here: {loads / n_cells:.1f} s model load + prune (the first load in a process "
-              f"also imports the model code), {in_trial / n_cells:.1f} s saving the pruned model and reloading it "
-              f"quantized to NF4 with LoRA attached (peft's first import, whose bitsandbytes import pulls in torch's "
-              f"compiler, falls here), and {outside / n_cells:.1f} s outside the cell's own code: each trial is a "
-              "fresh Ray worker process (Tune's reuse_actors is off in ray_prune.sweep) that starts Python and "
-              "imports torch and transformers before the cell runs, plus Tune's bookkeeping; lm-eval's first "
-              f"import falls inside the first evaluation. Stage 1 adds {s1_over:.0f} s of slot time (actor start, "
-              "model loads, the unpruned heal-reference losses, a slot idle while the slower model finishes). None of "
-              "this grows with the heal steps or the evaluation size, and this experiment's cells are tiny (a few "
-              "heal steps, a handful of questions): with a real heal budget the same fixed cost is a small share.")
+              f"method work per cell here: {loads / n_cells:.1f} s loading the model and pruning it in memory (for a "
+              f"QLoRA cell on a CPU that includes bitsandbytes quantizing every linear layer to NF4 as it loads), "
+              f"{in_trial / n_cells:.1f} s attaching LoRA, saving the adapter and writing rows, and "
+              f"{outside / n_cells:.1f} s outside the cell's own code (Tune's bookkeeping and scheduling; a worker "
+              "process serves trial after trial, so Python start and the torch, transformers, peft and lm-eval "
+              f"imports are paid once per slot). Stage 1 adds {s1_over:.0f} s of slot time beyond its profile and "
+              "baseline evaluations: actor start and imports, packing the shared token blocks, one model load to "
+              "profile in full precision and one in the scoring precision, the unpruned heal-reference losses, and a "
+              "slot idle while the slower model finishes, since the grid starts when every model is profiled. None "
+              "of this grows with the heal steps or the evaluation size: with a real heal budget the same fixed "
+              "cost is a small share.")
 
     cells = df[df["stage"] == "healed"].groupby("model").size()
     per_model_profile = base.set_index("model")["profile_s"].fillna(0) if "profile_s" in base else {}
@@ -206,7 +227,16 @@ def main() -> None:
     ap.add_argument("--asha-steps", type=int, default=16)
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--skip-asha", action="store_true")
+    ap.add_argument("--results", help="analyse this finished sweep's rows instead of running the experiment "
+                                      "(with --wall-s and --slots; no Ray, no ASHA part)")
+    ap.add_argument("--wall-s", type=float, help="the measured wall time of the --results sweep, in seconds")
+    ap.add_argument("--slots", type=int, default=2, help="concurrent trials of the --results sweep")
     args = ap.parse_args()
+    if args.results:
+        if args.wall_s is None:
+            ap.error("--results needs --wall-s, the sweep's measured wall time")
+        overhead_of_run(args.experiment, args.results, args.wall_s, args.slots)
+        return
 
     import ray
 

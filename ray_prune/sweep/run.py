@@ -50,6 +50,7 @@ def run_sweep(
 
 def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, interrupts):
     from ray_prune.sweep.cluster import connect, trial_resources
+    from ray_prune.sweep.order import longest_first
     from ray_prune.sweep.outcomes import record_outcomes
     from ray_prune.sweep.profile_stage import load_tables, run_profile_stage
     from ray_prune.sweep.progress import ProgressView
@@ -72,7 +73,8 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     say(f"stage 1: profiling {len(p.models_with_work())} model(s) on {'GPU' if gpus else 'CPU'}")
     profiled = run_profile_stage(p, per_model, cpus, rerun, interrupts)
     tables = load_tables(p)
-    specs = [_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"]) for c in p.pending]
+    specs = longest_first([_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"])
+                           for c in p.pending])
 
     _write_mergekit_configs(store, specs, say)
     totals: dict[str, int] = {}

@@ -38,7 +38,22 @@ def trainable(config: dict[str, Any]) -> None:
     resume = checkpoint.to_directory() if checkpoint is not None else None
     if spec.do_unhealed and Storage(spec.storage_uri).exists(_unhealed_path(spec)):
         spec = TrialSpec(**{**spec.__dict__, "do_unhealed": False})  # a retry: the unhealed row is already there
-    run_cell(spec, report=report_to_tune, resume_from=resume)
+    try:
+        run_cell(spec, report=report_to_tune, resume_from=resume)
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Free the cell's model before Tune hands this worker process to the next trial (``reuse_actors``): a
+    reference cycle or a cached CUDA block would otherwise count against the next cell's memory plan."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _unhealed_path(spec: TrialSpec) -> str:
@@ -84,7 +99,11 @@ def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: floa
         tune.with_resources(trainable, lambda config: {"cpu": cpus, "gpu": config["run"].gpus}),
         param_space={"run": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(scheduler=scheduler,
-                                    max_concurrent_trials=exp.resources.max_concurrent, reuse_actors=False),
+                                    max_concurrent_trials=exp.resources.max_concurrent,
+                                    # one worker process serves trial after trial (when their resources match):
+                                    # Python start and the torch, transformers, peft and lm-eval imports are
+                                    # paid once per slot, not once per cell
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(tune_root) if tune_root is not None else store.path(TUNE),

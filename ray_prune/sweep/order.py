@@ -1,0 +1,67 @@
+"""The order Tune starts trials in: longest first.
+
+Tune starts a grid's trials in list order as slots free up. In grid order a cross-model sweep runs the small
+model's cells first and ends with the large model's, the last of them alone on an otherwise idle cluster.
+Starting the longest trials first (the classic longest-processing-time rule) leaves the short ones to fill the
+gaps at the end. On the bundled study (2 slots, Gemma-3's cells about twice SmolLM2's) the grid order left one
+slot idle for most of a Gemma-3 cell.
+
+A trial's cost is estimated from the model's config alone: forward cost per token (the kept blocks' linear
+weights plus the LM head) times the tokens the cell pushes through (heal steps at about 3x a forward, the C4
+loss and the QA prompts). It only ranks trials; it is not a time prediction, and the order changes no number
+(every cell's seed is its own).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray_prune.sweep.grid import Cell
+    from ray_prune.sweep.trial import TrialSpec
+
+QUESTION_TOKENS = 256  # a rough length of one QA prompt with its choices; only the ranking uses it
+
+
+@lru_cache(maxsize=None)
+def _per_token(model: str, trust_remote_code: bool) -> tuple[int, int] | None:
+    """(one block's linear weights, LM head weights) of ``model``, or None when its config cannot be read."""
+    from ray_prune.core.memory_arch import Arch, param_count
+    from ray_prune.core.model_configs import load_config
+    from ray_prune.errors import UserError
+
+    try:
+        p = param_count(Arch.from_config(load_config(model, trust_remote_code).config))
+    except (UserError, OSError, ValueError):
+        return None
+    return p.layer_linear, p.embedding if not p.lm_head else p.lm_head
+
+
+def _eval_tokens(ev: dict, with_qa: bool) -> int:
+    qa = 0
+    if with_qa:
+        for t in ev["tasks"].values():
+            qa += (t.get("limit") or 1000) * ((t.get("shots") or 0) + 1) * QUESTION_TOKENS
+    return qa + (ev.get("c4_sequences") or 0) * (ev.get("seq_len") or 0)
+
+
+def trial_cost(cell: Cell, does_unhealed: bool) -> float:
+    """A relative cost of ``cell``'s trial: forward weights per token times tokens."""
+    kept = cell.num_layers - cell.n
+    shape = _per_token(cell.model, cell.trust_remote_code)
+    per_token = kept / max(1, cell.num_layers) if shape is None else kept * shape[0] + shape[1]
+    tokens = 0
+    if does_unhealed:
+        tokens += _eval_tokens(cell.eval, cell.eval["unhealed"] is True)
+    if cell.heals:
+        h = cell.heal_config()
+        validations = h.steps // max(1, h.eval_every) + 1
+        tokens += (3 * h.steps * h.sequences_per_step + validations * h.val_sequences) * h.seq_len
+        tokens += _eval_tokens(cell.eval, True)
+    return float(per_token) * tokens
+
+
+def longest_first(specs: list[TrialSpec]) -> list[TrialSpec]:
+    """``specs`` sorted by estimated cost, the costliest first (ties keep the grid order)."""
+    return sorted(specs, key=lambda s: -trial_cost(s.cell, s.do_unhealed))
