@@ -122,7 +122,8 @@ def analyze(exp, experiment: str, df, wall: float, started: float, k: int, ray_s
           f"wall x {k}\n")
     print("| part | seconds | share of trial-slot time |")
     print("|---|---|---|")
-    print(f"| sweep wall time, Ray start ({ray_start:.0f} s) included | {wall:.0f} | |")
+    start = f"Ray start ({ray_start:.0f} s) included" if ray_start else "as measured, Ray start included"
+    print(f"| sweep wall time, {start} | {wall:.0f} | |")
     if stage1 is not None:
         s1_work = work_s["profile (once per model)"] + work_s["baseline evaluations"]
         print(f"| of which stage 1 (profiling actors: start, model load, profile, baseline evaluation) | {stage1:.0f} "

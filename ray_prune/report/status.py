@@ -41,17 +41,22 @@ MEASUREMENT_QUESTIONS = 100  # fewer questions per task than this: scores move b
 
 
 def _size_note(ok: pd.DataFrame) -> str:
-    """Says so when the evaluations are too small to measure anything (a smoke run)."""
+    """Says so when the evaluations are too small to measure anything (a smoke run), and, in a run that does
+    measure, which tasks are small enough that only large differences between rows mean anything."""
     from ray_prune.core.evaluation.tasks import TASKS
 
-    sizes = [int(n) for t in TASKS if f"{t}_n" in ok for n in ok[f"{t}_n"].dropna()]
-    if not sizes or min(sizes) >= MEASUREMENT_QUESTIONS:
+    sizes = {t: int(ok[f"{t}_n"].dropna().min()) for t in TASKS if f"{t}_n" in ok and ok[f"{t}_n"].notna().any()}
+    if not sizes or min(sizes.values()) >= MEASUREMENT_QUESTIONS:
         return ""
     errors = [float(e) for t, spec in TASKS.items() for m in spec.metrics if f"{t}_{m}_stderr" in ok
               for e in ok[f"{t}_{m}_stderr"].dropna()]
     worst = f", standard errors up to {max(errors):.2f}" if errors else ""
-    return (f"\nnote: {min(sizes)} questions per task{worst}: a check of the pipeline, not a measurement "
-            f"(experiments/study.yaml measures; its results are in docs/study/)")
+    if max(sizes.values()) < MEASUREMENT_QUESTIONS:
+        return (f"\nnote: {min(sizes.values())} questions per task{worst}: a check of the pipeline, not a "
+                f"measurement (experiments/study.yaml measures; its results are in docs/study/)")
+    small = ", ".join(f"{t} {n}" for t, n in sorted(sizes.items()) if n < MEASUREMENT_QUESTIONS)
+    return (f"\nnote: few questions in {small}{worst}: a difference between two rows smaller than about twice "
+            "its standard error is noise")
 
 
 def status_report(uri: str) -> str:

@@ -49,3 +49,23 @@ def test_summary_table(tmp_path):
     assert "boolq_acc" in text and "mmlu_acc" not in text  # only the metrics the sweep has
     assert "2 cell(s) not finished: stopped=1, failed=1" in text
     assert summary_table(df.iloc[0:0]) == "no results yet"
+
+
+def _sized(tmp_path, sizes: dict[str, int]) -> str:
+    s = Storage(str(tmp_path))
+    row = dict(experiment="st", model="m", stage="healed", num_layers=10, strategy="deepest", status="finished")
+    for i, n in enumerate((1, 2)):
+        extra = {}
+        for t, k in sizes.items():
+            extra |= {f"{t}_n": k, f"{t}_acc": 0.5, f"{t}_acc_stderr": (0.25 / k) ** 0.5}
+        write_row(s, {**row, "cell_id": f"c{i}", "n": n, **extra})
+    return summary_table(load_results(str(tmp_path)))
+
+
+def test_summary_says_when_evaluations_are_too_small_to_measure(tmp_path):
+    smoke = _sized(tmp_path / "smoke", {"boolq": 5, "mmlu": 5})
+    assert "note: 5 questions per task, standard errors up to 0.22: a check of the pipeline" in smoke
+    mixed = _sized(tmp_path / "mixed", {"arc_easy": 150, "boolq": 60, "mmlu": 60})
+    assert "a check of the pipeline" not in mixed  # some tasks measure: the run is not a smoke check
+    assert "note: few questions in boolq 60, mmlu 60, standard errors up to 0.06" in mixed
+    assert "note:" not in _sized(tmp_path / "big", {"arc_easy": 150, "boolq": 200})
