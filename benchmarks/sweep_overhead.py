@@ -23,7 +23,8 @@ a tiny random-init Llama (SmolLM2's tokenizer), one pruned model, a grid of
 heal learning rates, swept twice from scratch, with ASHA and with every cell
 run to the end. It reports the heal steps and heal seconds each used and
 whether both found the same best learning rate (lowest final heal loss).
-Tune starts trials in grid order, so the default grid is a shuffled log grid.
+Its cells cost the same, and Tune starts equal-cost trials in grid order, so the default grid is a shuffled
+log grid.
 
     python benchmarks/sweep_overhead.py experiments/smoke.yaml
     python benchmarks/sweep_overhead.py experiments/study.yaml --results results/study --wall-s 4800 --slots 2
@@ -86,6 +87,7 @@ def overhead_of_run(experiment: str, results: str, wall: float, k: int) -> None:
     from ray_prune.sweep.experiment import load_experiment
 
     df = load_results(results)
+    print(f"_Rows of {results}; the machine line below is the one that ran this analysis._\n")
     end = pd.to_datetime(df["finished_at"], utc=True).max().timestamp()
     analyze(load_experiment(experiment), f"{experiment}, the run in {results}", df, wall, end - wall, k, 0.0)
 
@@ -133,7 +135,7 @@ def analyze(exp, experiment: str, df, wall: float, started: float, k: int, ray_s
         print(f"| method: {label} | {s:.0f} | {s / slot_time:.3f} |")
     print(f"| **method work, total** | {method:.0f} | {method / slot_time:.2f} |")
     print(f"| not method, in trials: model load + prune | {loads:.0f} | {loads / slot_time:.2f} |")
-    print(f"| not method, in trials: attach LoRA, save the adapter, write rows | {in_trial:.0f} | "
+    print(f"| not method, in trials: attach LoRA, save the adapter, write the unhealed row | {in_trial:.0f} | "
           f"{in_trial / slot_time:.2f} |")
     print(f"| not method, outside trials: Ray start, worker start + imports, stage 1 beyond its method work, "
           f"Tune, idle slots | {rest:.0f} | {rest / slot_time:.2f} |")
@@ -149,7 +151,7 @@ def analyze(exp, experiment: str, df, wall: float, started: float, k: int, ray_s
         print(f"\nWhat limits it: a fixed cost per trial, {fixed:.0f} s of slot time against {per_cell:.0f} s of "
               f"method work per cell here: {loads / n_cells:.1f} s loading the model and pruning it in memory (for a "
               f"QLoRA cell on a CPU that includes bitsandbytes quantizing every linear layer to NF4 as it loads), "
-              f"{in_trial / n_cells:.1f} s attaching LoRA, saving the adapter and writing rows, and "
+              f"{in_trial / n_cells:.1f} s attaching LoRA, saving the adapter and writing the unhealed row, and "
               f"{outside / n_cells:.1f} s outside the cell's own code (Tune's bookkeeping and scheduling; a worker "
               "process serves trial after trial, so Python start and the torch, transformers, peft and lm-eval "
               f"imports are paid once per slot). Stage 1 adds {s1_over:.0f} s of slot time beyond its profile and "

@@ -42,18 +42,21 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M (30 layers), loaded once per test session."""
+    """The real SmolLM2-135M (30 layers), loaded once per test session, in fp32: "auto" is bf16 on CPUs with
+    AVX512-BF16 or AMX, where exact comparisons (cached against recomputed decoding, our scores against
+    lm-eval's) would test bf16 rounding instead of the code."""
     from ray_prune.core.models import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dtype="fp32")
 
 
 @pytest.fixture(scope="session")
 def gemma3():
-    """The real Gemma-3-270M (18 layers, sliding/full layer_types), loaded once per test session."""
+    """The real Gemma-3-270M (18 layers, sliding/full layer_types), loaded once per test session, in fp32 (see
+    ``smollm2``)."""
     from ray_prune.core.models import load_model
 
-    return load_model("gemma3-270m")
+    return load_model("gemma3-270m", dtype="fp32")
 
 
 @pytest.fixture(scope="session")

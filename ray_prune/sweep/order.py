@@ -4,12 +4,16 @@ Tune starts a grid's trials in list order as slots free up. In grid order a cros
 model's cells first and ends with the large model's, the last of them alone on an otherwise idle cluster.
 Starting the longest trials first (the classic longest-processing-time rule) leaves the short ones to fill the
 gaps at the end. On the bundled study (2 slots, Gemma-3's cells about twice SmolLM2's) the grid order left one
-slot idle for most of a Gemma-3 cell.
+slot idle for most of a Gemma-3 cell; longest first, the two slots finished 38 s apart. Tune hands a worker
+freed by one trial (``reuse_actors``) to a pending trial with the same resource request, so with mixed GPU
+requests the order holds within each request size.
 
 A trial's cost is estimated from the model's config alone: forward cost per token (the kept blocks' linear
 weights plus the LM head) times the tokens the cell pushes through (heal steps at about 3x a forward, the C4
-loss and the QA prompts). It only ranks trials; it is not a time prediction, and the order changes no number
-(every cell's seed is its own).
+loss and the QA prompts). It only ranks trials; it is not a time prediction. The order changes no number of a
+finished cell (every cell's seed is its own); under ASHA it can change which heal settings reach a rung first,
+and so which are stopped. A model whose config cannot be read is ranked by its kept share of blocks alone, which
+puts its cells last.
 """
 
 from __future__ import annotations
@@ -39,10 +43,14 @@ def _per_token(model: str, trust_remote_code: bool) -> tuple[int, int] | None:
 
 
 def _eval_tokens(ev: dict, with_qa: bool) -> int:
+    from ray_prune.core.evaluation.tasks import resolve_tasks
+
     qa = 0
-    if with_qa:
-        for t in ev["tasks"].values():
-            qa += (t.get("limit") or 1000) * ((t.get("shots") or 0) + 1) * QUESTION_TOKENS
+    if with_qa and ev["tasks"]:
+        defaults = resolve_tasks(list(ev["tasks"]))
+        for name, t in ev["tasks"].items():
+            shots = defaults[name] if t.get("shots") is None else t["shots"]
+            qa += (t.get("limit") or 1000) * (shots + 1) * QUESTION_TOKENS
     return qa + (ev.get("c4_sequences") or 0) * (ev.get("seq_len") or 0)
 
 

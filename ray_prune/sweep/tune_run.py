@@ -32,21 +32,21 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    _release_memory()  # the previous trial of this worker (reuse_actors) has ended: its frames are gone
     spec: TrialSpec = config["run"]
     torch.set_num_threads(max(1, spec.threads))
     checkpoint = tune.get_checkpoint()
     resume = checkpoint.to_directory() if checkpoint is not None else None
     if spec.do_unhealed and Storage(spec.storage_uri).exists(_unhealed_path(spec)):
         spec = TrialSpec(**{**spec.__dict__, "do_unhealed": False})  # a retry: the unhealed row is already there
-    try:
-        run_cell(spec, report=report_to_tune, resume_from=resume)
-    finally:
-        _release_memory()
+    run_cell(spec, report=report_to_tune, resume_from=resume)
 
 
 def _release_memory() -> None:
-    """Free the cell's model before Tune hands this worker process to the next trial (``reuse_actors``): a
-    reference cycle or a cached CUDA block would otherwise count against the next cell's memory plan."""
+    """Free what an earlier trial of this worker process left (``reuse_actors``): a reference cycle or a cached
+    CUDA block would otherwise count against this cell's memory plan. It runs when the next trial starts, not
+    when one ends: a trial that stops or fails still holds its model in its traceback's frames until then,
+    and Tune gives a stopped trial's thread only 2 s to exit before it refuses to reuse the worker."""
     import gc
 
     import torch
