@@ -43,14 +43,12 @@ def _per_token(model: str, trust_remote_code: bool) -> tuple[int, int] | None:
 
 
 def _eval_tokens(ev: dict, with_qa: bool) -> int:
-    from ray_prune.core.evaluation.tasks import resolve_tasks
+    from ray_prune.sweep.trial import task_shots
 
     qa = 0
-    if with_qa and ev["tasks"]:
-        defaults = resolve_tasks(list(ev["tasks"]))
-        for name, t in ev["tasks"].items():
-            shots = defaults[name] if t.get("shots") is None else t["shots"]
-            qa += (t.get("limit") or 1000) * (shots + 1) * QUESTION_TOKENS
+    if with_qa:
+        for name, shots in task_shots(ev["tasks"]).items():
+            qa += (ev["tasks"][name].get("limit") or 1000) * (shots + 1) * QUESTION_TOKENS
     return qa + (ev.get("c4_sequences") or 0) * (ev.get("seq_len") or 0)
 
 

@@ -47,18 +47,23 @@ class TrialSpec:
     gpus: float = 0.0  # what Ray gives the trial (the memory plan's GPUs for this model); > 1: model spread on them
 
 
+def task_shots(tasks: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """An experiment's ``eval.tasks`` as ``{task: shots}``, each task's default where the file sets none."""
+    from ray_prune.core.evaluation.tasks import resolve_tasks
+
+    defaults = resolve_tasks(list(tasks)) if tasks else {}
+    return {name: defaults[name] if t.get("shots") is None else t["shots"] for name, t in tasks.items()}
+
+
 def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None,
                    c4_blocks: torch.Tensor | None = None) -> dict[str, float]:
     """The experiment's evaluation: tasks grouped by their limit (lm-eval runs once per group), then the C4 loss."""
     from ray_prune.core.evaluation.harness import evaluate
-    from ray_prune.core.evaluation.tasks import resolve_tasks
     from ray_prune.core.loss import c4_loss
 
-    defaults = resolve_tasks(list(spec["tasks"])) if spec["tasks"] else {}
     groups: dict[Any, dict[str, int]] = {}
-    for name, t in spec["tasks"].items():
-        shots = t.get("shots")
-        groups.setdefault(t.get("limit"), {})[name] = defaults[name] if shots is None else shots
+    for name, shots in task_shots(spec["tasks"]).items():
+        groups.setdefault(spec["tasks"][name].get("limit"), {})[name] = shots
     scores: dict[str, float] = {}
     for limit, tasks in groups.items():
         scores.update(evaluate(model, tokenizer, tasks=tasks, limit=limit, data_dir=data_dir, c4_sequences=0,
