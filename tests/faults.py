@@ -93,7 +93,7 @@ def _patch_tune_run(module) -> None:
 
 def _patch_storage(module) -> None:
     cls = module.Storage
-    write_table, publish = cls.write_table, cls._publish
+    write_table, atomic = cls.write_table, cls._atomic
 
     def write_table_wrapped(self, relative, table):
         cols = {c: table.column(c)[0].as_py() for c in ("stage", "status", "model") if c in table.column_names}
@@ -103,12 +103,15 @@ def _patch_storage(module) -> None:
         finally:
             _state.row = None
 
-    def publish_wrapped(self, tmp, target):
-        if getattr(_state, "row", None):
-            maybe_kill("write", _state.row)
-        return publish(self, tmp, target)
+    def atomic_wrapped(self, relative, write):
+        def write_then_maybe_die(path):  # the temp file is whole, and not yet renamed into place
+            write(path)
+            if getattr(_state, "row", None):
+                maybe_kill("write", _state.row)
 
-    cls.write_table, cls._publish = write_table_wrapped, publish_wrapped
+        return atomic(self, relative, write_then_maybe_die)
+
+    cls.write_table, cls._atomic = write_table_wrapped, atomic_wrapped
 
 
 _PATCHES = {"ray_prune.sweep.trial": _patch_trial, "ray_prune.sweep.tune_run": _patch_tune_run,

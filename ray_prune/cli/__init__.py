@@ -10,14 +10,14 @@ import sys
 from typing import Sequence
 
 from ray_prune.cli.parser import build_parser
-from ray_prune.cli.steps import _heal_config, cmd_eval, cmd_heal, cmd_profile, cmd_prune
+from ray_prune.cli.steps import cmd_eval, cmd_heal, cmd_profile, cmd_prune
 from ray_prune.cli.sweeps import cmd_report, cmd_status, cmd_sweep
 from ray_prune.errors import UserError
 
-__all__ = ["COMMANDS", "build_parser", "main", "_heal_config"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
-
-COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "profile": cmd_profile, "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval}
+COMMANDS = {"sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "profile": cmd_profile,
+            "prune": cmd_prune, "heal": cmd_heal, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ray_prune.cli.flags import settings_from_args
 from ray_prune.errors import UserError
 
 
@@ -16,18 +16,26 @@ def _load(args, model: str | None = None):
                       trust_remote_code=args.trust_remote_code)
 
 
+def _calibration_config(args):
+    from ray_prune.core.calibration import CalibrationConfig
+
+    return settings_from_args(CalibrationConfig, args).validate()
+
+
 def _calibration(args, model, tok):
     from ray_prune.core.data import load_texts
     from ray_prune.core.profile import profile
 
-    texts = load_texts("calibration", args.samples, data_dir_path=args.data_dir)
-    return profile(model, tok, texts, metric=args.metric, batch_size=args.batch_size, max_length=args.max_length,
+    cal = _calibration_config(args)
+    texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=args.data_dir)
+    return profile(model, tok, texts, metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length,
                    model_id=args.model, progress=not args.quiet)
 
 
 def cmd_profile(args) -> int:
     from ray_prune.core.select import optimal_starts
 
+    _calibration_config(args)  # bad settings fail before the model loads
     model, tok = _load(args)
     table = _calibration(args, model, tok)
     out = Path(args.out)
@@ -61,16 +69,9 @@ def cmd_prune(args) -> int:
         model, tok = _load(args)
         L = num_layers(model)
     else:  # config only: the layer count is in the config, no weights needed
-        from transformers import AutoConfig
+        from ray_prune.core.model_configs import load_config
 
-        from ray_prune.core.models import resolve
-
-        try:
-            config = AutoConfig.from_pretrained(resolve(args.model), trust_remote_code=args.trust_remote_code)
-        except OSError as e:
-            raise UserError(f"cannot read the config of model {args.model!r}: {str(e).splitlines()[0]}",
-                            "check the hub id or local path (and HF_TOKEN for gated models)") from None
-        L = config.num_hidden_layers
+        L = load_config(args.model, args.trust_remote_code).config.num_hidden_layers
     n = n_from_fraction(args.fraction, L) if args.fraction is not None else args.n
     table = None
     if args.strategy == "similarity":
@@ -90,29 +91,12 @@ def cmd_prune(args) -> int:
 
 
 def _save_model(model, tok, out: Path) -> None:
-    """save_pretrained into a temp dir, then rename: no half-written model directories."""
-    import shutil
-    import tempfile
+    """save_pretrained, atomically (``core.atomic``): no half-written model directories."""
+    from ray_prune.core.atomic import atomic_path
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _heal_config(args):
-    import dataclasses
-
-    from ray_prune.core.heal.config import HealConfig
-
-    return HealConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HealConfig)})
 
 
 def cmd_heal(args) -> int:
@@ -120,8 +104,9 @@ def cmd_heal(args) -> int:
     from ray_prune.core.heal.loop import heal
     from ray_prune.core.models import load_tokenizer, resolve
 
-    config = _heal_config(args)
-    config.validate()
+    from ray_prune.core.heal.config import HealConfig
+
+    config = settings_from_args(HealConfig, args, dtype=args.dtype).validate()
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = prepare_for_healing(resolve(args.model), config, device=args.device)
 
@@ -171,23 +156,16 @@ def _load_for_eval(args):
 
 
 def cmd_eval(args) -> int:
+    from ray_prune.core.atomic import write_text
+    from ray_prune.core.data import data_dir
+    from ray_prune.core.evaluation.config import EvalConfig
     from ray_prune.core.evaluation.harness import evaluate
-    from ray_prune.core.evaluation.tasks import resolve_tasks
 
-    tasks = [] if args.tasks.strip() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
-    if tasks:
-        resolve_tasks(tasks)  # unknown tasks fail before anything loads
+    config = settings_from_args(EvalConfig, args)
+    config.validate(local=data_dir(args.data_dir) is not None)  # bad tasks, shots or limits fail before any load
     model, tok = _load_for_eval(args)
-    scores = evaluate(model, tok, tasks=tasks, limit=args.limit, data_dir=args.data_dir,
-                      c4_sequences=args.c4_sequences, seq_len=args.seq_len, batch_size=args.batch_size,
-                      progress=not args.quiet)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(scores, indent=2))
-    tmp.replace(out)
+    scores = evaluate(model, tok, config, data_dir=args.data_dir, progress=not args.quiet)
+    write_text(Path(args.out), json.dumps(scores, indent=2))
     for k, v in scores.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
     return 0
-
-

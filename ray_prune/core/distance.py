@@ -24,6 +24,7 @@ from ray_prune.errors import UserError
 
 Metric = Literal["angular", "angular_all", "block_influence"]
 METRICS: tuple[str, ...] = ("angular", "angular_all", "block_influence")
+METADATA_KEY = "ray_prune.distance"  # the Parquet schema metadata that holds a table's facts
 
 
 @dataclass
@@ -57,30 +58,21 @@ class DistanceTable:
     def _metadata(self) -> dict[str, str]:
         meta = {k: getattr(self, k) for k in ("model_id", "metric", "num_layers", "samples", "tokens",
                                                "data_hash", "max_length", "extra")}
-        return {"ray_prune.distance": json.dumps(meta)}
+        return {METADATA_KEY: json.dumps(meta)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write Parquet atomically: a crash never leaves a half-written table."""
+    def to_arrow(self):
+        """The long-format table with the table's facts in the schema metadata: what a Parquet file holds."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(self.to_frame(), preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self._metadata()})
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-        return path
+        return table.replace_schema_metadata({**(table.schema.metadata or {}), **self._metadata()})
 
     @classmethod
-    def load(cls, path: str | Path) -> "DistanceTable":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        raw = (table.schema.metadata or {}).get(b"ray_prune.distance")
+    def from_arrow(cls, table, source: str = "the table") -> "DistanceTable":
+        """The inverse of :meth:`to_arrow`; ``source`` names the file in the error of a table not written here."""
+        raw = (table.schema.metadata or {}).get(METADATA_KEY.encode())
         if raw is None:
-            raise UserError(f"{path} is not a ray-prune distance table (no metadata)",
+            raise UserError(f"{source} is not a ray-prune distance table (no metadata)",
                             "point at a file written by `ray-prune profile`")
         meta = json.loads(raw)
         L = meta["num_layers"]
@@ -90,3 +82,19 @@ class DistanceTable:
         dist[l, l + n] = d
         dist[l + n, l] = d
         return cls(distances=dist, **meta)
+
+    def save(self, path: str | Path) -> Path:
+        """Write Parquet atomically: a crash never leaves a half-written table."""
+        import pyarrow.parquet as pq
+
+        from ray_prune.core.atomic import atomic_path
+
+        with atomic_path(path) as tmp:
+            pq.write_table(self.to_arrow(), tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DistanceTable":
+        import pyarrow.parquet as pq
+
+        return cls.from_arrow(pq.read_table(path), str(path))

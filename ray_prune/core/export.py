@@ -20,43 +20,21 @@ unchanged, and later pruning composes with that record.
 
 from __future__ import annotations
 
-import operator
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from ray_prune.core import dtypes
+from ray_prune.core.atomic import write_text
 from ray_prune.core.bundled import BUNDLED
+from ray_prune.core.select import check_layers
 from ray_prune.errors import UserError
-
-
-def _removed(num_layers: int, removed: Sequence[int]) -> list[int]:
-    """Sorted, deduplicated indices, checked like ``prune_layers`` checks them (same messages)."""
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise UserError(f"num_layers must be a positive integer, got {num_layers!r}",
-                        "pass the model's config.num_hidden_layers")
-    try:
-        values = list(removed)
-        if any(isinstance(i, bool) for i in values):
-            raise TypeError
-        drop = sorted({operator.index(i) for i in values})
-    except TypeError:
-        raise UserError(f"removed layers must be a list of integers, got {removed!r}",
-                        "pass indices such as [13, 14, 15]") from None
-    bad = [i for i in drop if not 0 <= i < num_layers]
-    if bad:
-        raise UserError(f"layers {bad} do not exist in a model of {num_layers} layers",
-                        f"use indices 0..{num_layers - 1}")
-    if len(drop) >= num_layers:
-        raise UserError(f"cannot remove all {num_layers} layers", "keep at least one layer")
-    return drop
 
 
 def kept_ranges(num_layers: int, removed: Sequence[int]) -> list[tuple[int, int]]:
     """Half-open ``(start, end)`` runs of the layers that stay, in order: one mergekit slice each."""
-    drop = set(_removed(num_layers, removed))
+    drop = set(check_layers(removed, num_layers))
     ranges: list[tuple[int, int]] = []
     for i in range(num_layers):
         if i in drop:
@@ -81,7 +59,7 @@ def _source(model: str) -> str:
     return source
 
 
-def _check_architecture(source: str, num_layers: int, drop: list[int]) -> None:
+def _check_architecture(source: str, num_layers: int, drop: list[int], config=None) -> None:
     """Refuse what mergekit would build wrong or crash on (module docstring); skipped if the config is unreadable
     (a hub id while offline): mergekit reads it again itself when it runs."""
     from transformers import AutoConfig
@@ -89,10 +67,11 @@ def _check_architecture(source: str, num_layers: int, drop: list[int]) -> None:
     from ray_prune.core.architecture import INDEX_THRESHOLD_FIELDS
     from ray_prune.core.prune import _per_layer_fields
 
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError):
-        return
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError):
+            return
     declared = getattr(config, "num_hidden_layers", num_layers)
     if declared != num_layers:
         raise UserError(f"{source} has {declared} layers, not num_layers={num_layers}",
@@ -126,18 +105,20 @@ def _config(source: str, ranges: list[tuple[int, int]], dtype: str | None) -> di
     return config
 
 
-def mergekit_config(model: str, num_layers: int, removed: Sequence[int], dtype: str | None = "float32") -> dict:
+def mergekit_config(model: str, num_layers: int, removed: Sequence[int], dtype: str | None = "float32",
+                    config=None) -> dict:
     """The mergekit passthrough config that keeps every layer of ``model`` not in ``removed``.
 
     ``model`` is a hub id, a local directory or a bundled name (written as its converted local directory);
     ``removed`` indexes the layers of that model. ``dtype`` is float32/bfloat16/float16 or their short names;
     ``"auto"`` or None leave it out, so mergekit copies each tensor in the precision it is stored in.
+    ``config``: the model's transformers config where the caller has read it already (else it is read here).
     """
-    drop = _removed(num_layers, removed)
+    drop = check_layers(removed, num_layers)
     ranges = kept_ranges(num_layers, drop)
     merge_dtype = _mergekit_dtype(dtype)
     source = _source(model)
-    _check_architecture(source, num_layers, drop)
+    _check_architecture(source, num_layers, drop, config)
     return _config(source, ranges, merge_dtype)
 
 
@@ -164,13 +145,13 @@ def _header(path: Path, model: str, config: dict, num_layers: int, drop: list[in
 
 
 def mergekit_yaml(path: str | os.PathLike, model: str, num_layers: int, removed: Sequence[int],
-                  dtype: str | None = "float32") -> str:
+                  dtype: str | None = "float32", config=None) -> str:
     """The text of the config file at ``path`` (named in its header): the header comment, then the YAML."""
     import yaml
 
-    config = mergekit_config(model, num_layers, removed, dtype)
-    text = _header(Path(path), model, config, num_layers, _removed(num_layers, removed))
-    return text + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    merge = mergekit_config(model, num_layers, removed, dtype, config)
+    text = _header(Path(path), model, merge, num_layers, check_layers(removed, num_layers))
+    return text + yaml.safe_dump(merge, sort_keys=False, default_flow_style=None)
 
 
 def write_mergekit_config(path: str | os.PathLike, model: str, num_layers: int, removed: Sequence[int],
@@ -183,15 +164,4 @@ def write_mergekit_config(path: str | os.PathLike, model: str, num_layers: int, 
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{path} is a directory", "pass a file name for the config, e.g. prune.yaml")
-    text = mergekit_yaml(path, model, num_layers, removed, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, mergekit_yaml(path, model, num_layers, removed, dtype))

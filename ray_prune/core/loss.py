@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ray_prune.core.data import TextSource, iter_role
+from ray_prune.core.evaluation.config import DEFAULT
 from ray_prune.core.packing import IGNORE, pack_stream, scored_bos, targets
 from ray_prune.errors import UserError
 
@@ -69,9 +70,9 @@ def c4_loss(
     model: nn.Module,
     tokenizer,
     texts: list[str] | None = None,
-    num_sequences: int = 64,
-    seq_len: int = 1024,
-    batch_size: int = 8,
+    num_sequences: int = DEFAULT.c4_sequences,
+    seq_len: int = DEFAULT.seq_len,
+    batch_size: int = DEFAULT.batch_size,
     data_dir=None,
     blocks: torch.Tensor | None = None,
 ) -> dict:

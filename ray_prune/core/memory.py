@@ -140,10 +140,10 @@ def _profile_estimate(arch: Arch, workload: Workload, compute: str, precision: s
     c = dtype_bytes(compute)
     table = compute if precision == "auto" else precision
     if table == "streamed":  # core.profile_streamed: one block at a time, every sample's hidden state kept
-        held = workload.calibration_samples * workload.calibration_length * arch.hidden * c
+        held = workload.calibration.samples * workload.calibration.max_length * arch.hidden * c
         first = weight_terms(arch, 1, compute, compute, "one block, embeddings") + [
             Term("streamed profile: every sample's hidden state", held, False,
-                 f"{workload.calibration_samples} x {workload.calibration_length} tokens")] + \
+                 f"{workload.calibration.samples} x {workload.calibration.max_length} tokens")] + \
             profile_terms(arch, workload, c)
     else:
         first = weight_terms(arch, arch.layers, table, compute) + profile_terms(arch, workload, c)
@@ -288,19 +288,19 @@ def _heal_fix(arch: Arch, workload: Workload, gpu_gib: float, headroom: float, n
 def _batch_fix(arch: Arch, workload: Workload, stage: str, gpu_gib: float, gpus_per_node: int, headroom: float,
                n_removed: int, order: Order) -> str:
     """Evaluation and profiling: the largest batch sizes (both lowered together for profile) that make it fit."""
-    top = max(workload.eval_batch, workload.calibration_batch if stage == "profile" else 1)
+    ev, cal = workload.evaluation, workload.calibration
+    top = max(ev.batch_size, cal.batch_size if stage == "profile" else 1)
     for b in range(top - 1, 0, -1):
-        w = replace(workload, eval_batch=min(workload.eval_batch, b),
-                    calibration_batch=min(workload.calibration_batch, b) if stage == "profile"
-                    else workload.calibration_batch)
+        w = replace(workload, evaluation=replace(ev, batch_size=min(ev.batch_size, b)),
+                    calibration=replace(cal, batch_size=min(cal.batch_size, b)) if stage == "profile" else cal)
         for p, g in options(stage, w, gpus_per_node, order):
             if estimate(arch, w, stage, p, g, n_removed).fits(gpu_gib, headroom):  # type: ignore[arg-type]
-                changed = [f"calibration.batch_size: {w.calibration_batch}"] \
-                    if w.calibration_batch != workload.calibration_batch else []
-                if w.eval_batch != workload.eval_batch:
-                    changed.append(f"eval.batch_size: {w.eval_batch}")
-                return ", ".join(changed) + f" (then {p if p != 'auto' else 'full precision'} on {g} GPU"
-                + ("s)" if g > 1 else ")")
+                changed = [f"calibration.batch_size: {w.calibration.batch_size}"] \
+                    if w.calibration.batch_size != cal.batch_size else []
+                if w.evaluation.batch_size != ev.batch_size:
+                    changed.append(f"eval.batch_size: {w.evaluation.batch_size}")
+                where = p if p != "auto" else "full precision"
+                return ", ".join(changed) + f" (then {where} on {g} GPU" + ("s)" if g > 1 else ")")
     return "the weights do not fit: use GPUs with more memory, or more of them per node"
 
 

@@ -67,9 +67,11 @@ stage within ~10% of the GPU as "might not fit" (:data:`HEADROOM`). Units: GiB
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from ray_prune.core.calibration import CalibrationConfig
+from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.memory_arch import Arch, Linear, dtype_bytes, nf4_bytes, param_count
 
@@ -98,21 +100,20 @@ TASK_LONGEST_CHARS: dict[tuple[str, int], int] = {
 
 @dataclass(frozen=True)
 class Workload:
-    """The batch and sequence settings that size each stage (an experiment's, for one model)."""
+    """The settings that size each stage (an experiment's, for one model): its settings objects as they are."""
 
     dtype: str = "auto"
-    calibration_batch: int = 8
-    calibration_length: int = 1024
-    calibration_samples: int = 128
-    metric: str = "angular"
-    eval_batch: int = 8
-    eval_seq_len: int = 1024
-    c4_sequences: int = 64
-    tasks: tuple[tuple[str, int], ...] = (("mmlu", 5), ("boolq", 0))  # (task, shots)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     heal: tuple[HealConfig, ...] = (HealConfig(),)  # every heal point of the model's grid
     heals: bool = True
     unhealed: bool = True
     eval_precision: str = "trained"  # eval.precision: trained (score in the heal precision) or full (merged)
+
+    @property
+    def tasks(self) -> tuple[tuple[str, int], ...]:
+        """(task, shots) of every task evaluated."""
+        return tuple(self.evaluation.shots().items())
 
     def scored_precision(self) -> str:
         """How rows are scored: ``nf4`` where cells are scored as trained on an NF4 base, else ``auto``."""
@@ -293,10 +294,10 @@ def eval_terms(arch: Arch, w: Workload, c: int, layers: int) -> list[Term]:
     context = w.eval_context(arch)
     lm = (0, 0, "")
     if context:
-        lm = _lm_eval_bytes(arch, c, layers, w.eval_batch, context)
+        lm = _lm_eval_bytes(arch, c, layers, w.evaluation.batch_size, context)
     c4 = (0, "")
-    if w.c4_sequences:
-        c4 = _next_token_loss_bytes(arch, c, w.eval_batch, w.eval_seq_len)
+    if w.evaluation.c4_sequences:
+        c4 = _next_token_loss_bytes(arch, c, w.evaluation.batch_size, w.evaluation.seq_len)
     if lm[0] + lm[1] >= c4[0]:
         out.append(Term("eval: KV cache (lm-eval forward, use_cache)", lm[0], True, lm[2]))
         out.append(Term("eval: logits and activations (lm-eval)", lm[1], False, lm[2]))
@@ -307,15 +308,15 @@ def eval_terms(arch: Arch, w: Workload, c: int, layers: int) -> list[Term]:
 
 def profile_terms(arch: Arch, w: Workload, c: int) -> list[Term]:
     """``core.profile.profile``: a decoder forward plus the captured unit vectors of every stream."""
-    B, T, L, H = w.calibration_batch, w.calibration_length, arch.layers, arch.hidden
+    B, T, L, H = w.calibration.batch_size, w.calibration.max_length, arch.layers, arch.hidden
     tokens = B * T
-    rows = B if w.metric == "angular" else tokens  # angular keeps each sample's last token, others every token
+    rows = B if w.calibration.metric == "angular" else tokens  # angular keeps each sample's last token, others every token
     vectors = (L + 1) * rows * H * 4
     gram = rows * (L + 1) ** 2 * 4
     fwd = inference_layer_bytes(arch, tokens, c, T, True) + B * T * T * (c if arch.eager else 1)
     peak = max(vectors + fwd, 2 * vectors + 2 * gram)
     return [Term("profile: forward and captured streams", peak, False,
-                 f"batch {B} x {T}, {w.metric}: {(vectors + gram) / GIB:.2f} GiB of vectors and Gram products")]
+                 f"batch {B} x {T}, {w.calibration.metric}: {(vectors + gram) / GIB:.2f} GiB of vectors and Gram products")]
 
 
 def heal_terms(arch: Arch, config: HealConfig, layers: int, c: int) -> list[Term]:

@@ -66,22 +66,46 @@ def _from_file(path: Path, trust_remote_code: bool):
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def model_dir(name: str) -> Path | None:
+    """``name`` as a local model directory (absolute), None when no such path exists; a UserError for a path that
+    is not a Hugging Face model directory, or that holds only pickled weights (never loaded: unpickling can run
+    arbitrary code). The one check of a local model, for configs and weights alike."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return None
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)",
+                        "pass a directory written by save_pretrained, a hub id, or a bundled name: "
+                        + ", ".join(BUNDLED))
+    pickles = sorted(p.name for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
+    if pickles and not any(path.glob("*.safetensors")):
+        raise UserError(f"{path} holds only pickled weights ({', '.join(pickles[:3])}); ray-prune never unpickles "
+                        "weights, which can run arbitrary code",
+                        "convert them once, in an environment you trust, with "
+                        "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) (writes safetensors)")
+    return path.resolve()
+
+
+def check_model_name(name: str) -> None:
+    """A name that is neither bundled nor a local directory must look like a hub id (org/name)."""
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise UserError(f"unknown model {name!r}: not a bundled name, a local directory or a hub id",
+                        f"use one of {', '.join(BUNDLED)}, a path written by save_pretrained, "
+                        "or a hub id like org/name")
+
+
 def load_config(name: str, trust_remote_code: bool = False) -> LoadedConfig:
     """The config of ``name`` (bundled name, local directory or hub id); see the module docstring for the order."""
     if name in BUNDLED:
         path = _shipped_file(BUNDLED[name].hub_id)
         return LoadedConfig(_from_file(path, False), "bundled", str(path))
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise UserError(f"{local} is not a Hugging Face model directory (no config.json)",
-                            "pass a directory written by save_pretrained, a hub id, or a bundled name: "
-                            + ", ".join(BUNDLED))
-        return LoadedConfig(_from_file(local, trust_remote_code), "local", str(local.resolve()))
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise UserError(f"unknown model {name!r}: not a bundled name, a local directory or a hub id",
-                        f"use one of {', '.join(BUNDLED)}, a path written by save_pretrained, "
-                        "or a hub id like org/name")
+    local = model_dir(name)
+    if local is not None:
+        return LoadedConfig(_from_file(local, trust_remote_code), "local", str(local))
+    check_model_name(name)
     from transformers import AutoConfig
 
     try:

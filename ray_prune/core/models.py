@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
 from ray_prune.core import dtypes
+from ray_prune.core.atomic import atomic_path
 from ray_prune.core.bundled import BUNDLED
+from ray_prune.core.model_configs import check_model_name, model_dir
 from ray_prune.errors import UserError
 
 CACHE_ENV = "RAY_PRUNE_CACHE"
@@ -62,18 +62,10 @@ def _convert_gguf(name: str, target: Path) -> None:
     missing = [k for k in missing if k not in getattr(clean, "_tied_weights_keys", {}) and "lm_head" not in k]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {name}: missing {missing}, unexpected {unexpected}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_path(target, directory=True) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def default_device() -> torch.device:
@@ -90,24 +82,10 @@ def resolve(model: str) -> str:
                 if not (target / "config.json").is_file():
                     _convert_gguf(model, target)
         return str(target)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)",
-                            "pass a directory written by save_pretrained, a hub id, or a bundled name: "
-                            + ", ".join(BUNDLED))
-        pickles = sorted(p.name for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
-        if pickles and not any(path.glob("*.safetensors")):
-            raise UserError(f"{path} holds only pickled weights ({', '.join(pickles[:3])}); ray-prune never unpickles "
-                            "weights, which can run arbitrary code",
-                            "convert them once, in an environment you trust, with "
-                            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) (writes safetensors)")
-        return str(path.resolve())
-    if model.count("/") != 1 or model.startswith((".", "/")):
-        raise UserError(
-            f"unknown model {model!r}: not a bundled name, a local directory or a hub id",
-            f"use one of {', '.join(BUNDLED)}, a path written by save_pretrained, or a hub id like org/name",
-        )
+    local = model_dir(model)
+    if local is not None:
+        return str(local)
+    check_model_name(model)
     return model
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ray_prune.core.calibration import DEFAULT
 from ray_prune.core.architecture import decoder, decoder_layers
 from ray_prune.core.data import texts_hash
 from ray_prune.core.distance import METRICS, DistanceTable, Metric
@@ -165,9 +166,9 @@ def profile(
     model: nn.Module,
     tokenizer,
     texts: Sequence[str],
-    metric: Metric = "angular",
-    batch_size: int = 8,
-    max_length: int = 1024,
+    metric: Metric = DEFAULT.metric,  # type: ignore[assignment]
+    batch_size: int = DEFAULT.batch_size,
+    max_length: int = DEFAULT.max_length,
     model_id: str | None = None,
     progress: bool = True,
 ) -> DistanceTable:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ray_prune.core import dtypes
+from ray_prune.core.calibration import DEFAULT
 from ray_prune.core.architecture import decoder, decoder_layers, family_of
 from ray_prune.core.distance import DistanceTable, Metric
 from ray_prune.core.models import default_device, resolve
@@ -229,9 +230,9 @@ def profile_streamed(
     model: str,
     tokenizer,
     texts: Sequence[str],
-    metric: Metric = "angular",
-    batch_size: int = 8,
-    max_length: int = 1024,
+    metric: Metric = DEFAULT.metric,  # type: ignore[assignment]
+    batch_size: int = DEFAULT.batch_size,
+    max_length: int = DEFAULT.max_length,
     dtype: str = "fp32",
     device: str | torch.device | None = None,
     model_id: str | None = None,

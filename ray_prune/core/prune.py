@@ -17,7 +17,7 @@ from typing import Sequence
 from torch import nn
 
 from ray_prune.core.architecture import INDEX_THRESHOLD_FIELDS, decoder_layers, family_of, set_decoder_layers
-from ray_prune.errors import UserError
+from ray_prune.core.select import check_layers
 
 # Config list fields that are not per-layer even if their length happens to equal L.
 _NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id", "suppress_tokens",
@@ -48,18 +48,13 @@ def prune_layers(model: nn.Module, remove: Sequence[int], inplace: bool = True) 
     config = model.config
     if getattr(config, "num_hidden_layers", L) != L:
         raise RuntimeError(f"config.num_hidden_layers={config.num_hidden_layers} but the model has {L} blocks")
-    drop = sorted(set(int(i) for i in remove))
-    bad = [i for i in drop if not 0 <= i < L]
-    if bad:
-        raise UserError(f"layers {bad} do not exist in a model of {L} layers", f"use indices 0..{L - 1}")
-    if len(drop) >= L:
-        raise UserError(f"cannot remove all {L} layers", "keep at least one layer")
+    drop = check_layers(remove, L)
     keep = [i for i in range(L) if i not in set(drop)]
 
     per_layer = _per_layer_fields(config, L)
     set_decoder_layers(model, nn.ModuleList([layers[i] for i in keep]))
-    for new, old in enumerate(keep):
-        _renumber(decoder_layers(model)[new], new)
+    for new, block in enumerate(decoder_layers(model)):
+        _renumber(block, new)
     for name in per_layer:
         value = getattr(config, name)
         setattr(config, name, type(value)(value[i] for i in keep))

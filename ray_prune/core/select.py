@@ -14,6 +14,7 @@ but 0.25 of 18 layers 4; half-up gives 8 and 5, monotone in f).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Literal, Sequence
 
 from ray_prune.core.distance import DistanceTable
@@ -37,6 +38,29 @@ def check_n(n: int, num_layers: int) -> None:
     if not (0 <= n < num_layers):
         raise UserError(f"cannot remove n={n} of {num_layers} layers",
                         f"choose 0 <= n <= {num_layers - 1} (at least one layer must remain)")
+
+
+def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Layer indices to remove, sorted and deduplicated, or a UserError: the one check that they are integers,
+    exist in a model of ``num_layers`` layers, and leave at least one (pruning, selection and export share it)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise UserError(f"num_layers must be a positive integer, got {num_layers!r}",
+                        "pass the model's config.num_hidden_layers")
+    try:
+        values = list(layers)
+        if any(isinstance(i, bool) for i in values):
+            raise TypeError
+        chosen = sorted({operator.index(i) for i in values})
+    except TypeError:
+        raise UserError(f"layers to remove must be a list of integers, got {layers!r}",
+                        "pass indices such as [13, 14, 15]") from None
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"layers {bad} do not exist in a model of {num_layers} layers",
+                        f"use indices 0..{num_layers - 1}")
+    if len(chosen) >= num_layers:
+        raise UserError(f"cannot remove all {num_layers} layers", "keep at least one layer")
+    return chosen
 
 
 def best_start(table: DistanceTable, n: int) -> int:
@@ -66,13 +90,7 @@ def layers_to_remove(
     if strategy == "layers":
         if not layers:
             raise UserError("strategy 'layers' needs an explicit list of layers", "pass layers, e.g. --layers 20,21,24")
-        chosen = sorted(set(int(i) for i in layers))
-        bad = [i for i in chosen if not 0 <= i < num_layers]
-        if bad:
-            raise UserError(f"layers {bad} do not exist in a model of {num_layers} layers",
-                            f"use indices 0..{num_layers - 1}")
-        check_n(len(chosen), num_layers)
-        return chosen
+        return check_layers(layers, num_layers)
     if n is None:
         raise UserError(f"strategy {strategy!r} needs n (or a fraction)", "pass --n or --fraction")
     check_n(n, num_layers)

@@ -34,7 +34,6 @@ MERGEKIT = "mergekit"
 ADAPTERS = "adapters"
 BLOCKS = "blocks"
 REPORT = "report"
-TMP_PREFIX = "."  # temp files are hidden: listings skip them, so a half-written file is never read as a row
 ROW_SUFFIX = ".parquet"
 PARTITION = "model_slug"  # hive key of the results dataset
 

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_prune.core.atomic import TMP_PREFIX, TMP_SUFFIX, atomic_path
 from ray_prune.errors import UserError
-from ray_prune.ledger.layout import TMP_PREFIX
 
 
 class Storage:
@@ -72,30 +72,16 @@ class Storage:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 
     def _atomic(self, relative: str, write) -> None:
-        """The one way anything is written: ``write(path)`` to a temp file, then published whole.
-
-        Object stores publish an object only once its upload completes, so there
-        the write goes straight to its key.
-        """
+        """The one way anything is written here: ``write(path)`` to a hidden temp file published whole
+        (``core.atomic``). Object stores publish an object only once its upload completes, so there the write
+        goes straight to its key."""
         target = self.path(relative)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         if not self.local:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             write(target)
             return
-        tmp = f"{parent}/{TMP_PREFIX}{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            self._publish(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def _publish(self, tmp: str, target: str) -> None:
-        """Make a fully written local temp file visible under its name, in one rename."""
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            write(str(tmp))
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         def write(p: str) -> None:
@@ -128,7 +114,7 @@ class Storage:
         if not self.local:
             return 0  # object stores publish whole objects: a dead writer leaves nothing
         stale = [i.path for i in self._files(prefix)
-                 if i.base_name.startswith(TMP_PREFIX) and i.base_name.endswith(".tmp")]
+                 if i.base_name.startswith(TMP_PREFIX) and i.base_name.endswith(TMP_SUFFIX)]
         for path in stale:
             self.fs.delete_file(path)
         return len(stale)

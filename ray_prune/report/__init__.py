@@ -47,7 +47,7 @@ pyarrow, pyyaml and matplotlib (imported when a figure is drawn).
 
 from ray_prune.report.cells import cell_status, expected_cells, load_tables, missing_cells, remote_code_models
 from ray_prune.report.figures import plot_distance, plot_heal_curves, plot_loss, plot_lstar, plot_metric
-from ray_prune.report.frames import (available_metrics, expected_grid, metric_column, metric_label, metric_points,
+from ray_prune.report.frames import (available_metrics, expected_grid, score_column, metric_label, metric_points,
                                      select_healed, task_of)
 from ray_prune.report.style import (DPI, PALETTE, REFERENCE_COLOR, STRATEGY_LINE, STRATEGY_MARKER, STYLE,
                                     model_colors, model_labels, short_name)
@@ -57,7 +57,7 @@ from ray_prune.report.write import write_report
 __all__ = [
     "COST_STAGES", "DPI", "PALETTE", "REFERENCE_COLOR", "STRATEGY_LINE", "STRATEGY_MARKER", "STYLE",
     "available_metrics", "cell_status", "cost_table", "expected_cells", "expected_grid", "load_tables",
-    "metric_column", "metric_label", "metric_points", "missing_cells", "model_colors", "model_labels",
+    "score_column", "metric_label", "metric_points", "missing_cells", "model_colors", "model_labels",
     "plot_distance", "plot_heal_curves", "plot_loss", "plot_lstar", "plot_metric", "remote_code_models",
     "safe_fractions", "select_healed", "short_name", "task_of", "write_report",
 ]

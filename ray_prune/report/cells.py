@@ -6,49 +6,39 @@ not run" that both the report and ``ray-prune status`` (:mod:`ray_prune.report.s
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from ray_prune.core.distance import DistanceTable
-from ray_prune.ledger.layout import TABLES
 from ray_prune.ledger.schema import AXIS_COLUMNS
 from ray_prune.ledger.storage import Storage
-from ray_prune.report.frames import _fkey, _stage_rows, conformed
+from ray_prune.ledger.tables import read_distance_tables
+from ray_prune.report.frames import conformed, fraction_key, stage_rows
 
 MISSING_COLUMNS = ["model", "strategy", "n", "fraction_removed", "state", "cell_id", "heal", "seed", "error"]
 STATUS_COLUMNS = ["model", "expected", "finished", "stopped early", "failed", "not run", "baseline", "distance table"]
 
 
 def expected_cells(record: Mapping[str, Any] | None) -> pd.DataFrame | None:
-    """The cells the experiment expects (``experiment.json``): cell_id and model, plus strategy, n,
-    fraction, num_layers, fraction_removed, heal settings and seed where the grid can be rebuilt."""
+    """The cells the experiment expects, as its record stores them (``experiment.json``): cell_id, model,
+    strategy, n, fraction, num_layers, fraction_removed, heal settings and seed. Records of versions that stored
+    only each cell's id and model give just those two columns (rows fill in the rest where they exist)."""
     if not record:
         return None
-    spec = record.get("spec") or {}
-    cells = spec.get("cells")
+    cells = (record.get("spec") or {}).get("cells")
     if not cells:
         return None
-    from ray_prune.sweep.experiment import Experiment
-    from ray_prune.sweep.grid import expand
-
-    base = pd.DataFrame(cells)
-    try:
-        grid = expand(Experiment(**spec["experiment"]), spec["layers"])
-    except Exception as e:  # an older or newer schema: fall back to ids only
-        warnings.warn(f"cannot rebuild the experiment's grid ({type(e).__name__}: {e}); "
-                      "missing cells are listed by id only", stacklevel=2)
-        return base
-    info = pd.DataFrame([{
-        "cell_id": c.cell_id, "strategy": c.strategy, "n": c.n, "fraction": c.fraction,
-        "num_layers": c.num_layers, "fraction_removed": _fkey(c.n / c.num_layers), "seed": c.seed,
-        "unhealed_id": c.unhealed_id, **{col: c.heal.get(col.removeprefix("heal_")) for col in AXIS_COLUMNS}}
-        for c in grid])
-    return base.merge(info, on="cell_id", how="left")
+    rows = []
+    for c in cells:
+        row = {"cell_id": c.get("cell_id"), "model": c.get("model")}
+        if "n" in c and "num_layers" in c:
+            heal = c.get("heal") or {}
+            row.update({"strategy": c.get("strategy"), "n": c["n"], "fraction": c.get("fraction"),
+                        "num_layers": c["num_layers"], "fraction_removed": fraction_key(c["n"] / c["num_layers"]),
+                        "seed": c.get("seed"), "unhealed_id": c.get("unhealed_id"),
+                        **{col: heal.get(col.removeprefix("heal_")) for col in AXIS_COLUMNS}})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _missing_row(c: pd.Series, state: str, error) -> dict[str, Any]:
@@ -86,10 +76,10 @@ def cell_status(df: pd.DataFrame, expected: pd.DataFrame | None, tables: Iterabl
     """Per model: cells expected, finished, stopped early, failed and not run; baseline and distance table present."""
     df, expected = conformed(df), conformed(expected)
     healed = df[df["stage"] == "healed"]
-    models = set(healed["model"]) | set(_stage_rows(df, "baseline", None)["model"])
+    models = set(healed["model"]) | set(stage_rows(df, "baseline", None)["model"])
     if expected is not None:
         models |= set(expected["model"])
-    with_baseline = set(_stage_rows(df, "baseline")["model"])
+    with_baseline = set(stage_rows(df, "baseline")["model"])
     tables = set(tables)
     out = []
     for model in sorted(models):
@@ -106,24 +96,8 @@ def cell_status(df: pd.DataFrame, expected: pd.DataFrame | None, tables: Iterabl
 
 
 def load_tables(storage: Storage | str) -> dict[str, Any]:
-    """Every distance table under ``<storage>/tables/``, keyed by model id."""
-    storage = storage if isinstance(storage, Storage) else Storage(storage)
-    tables = {}
-    for rel in storage.list_files(TABLES, ".parquet"):
-        try:
-            local = storage.local_path(rel)
-            if local is not None:
-                t = DistanceTable.load(local)
-            else:
-                with tempfile.TemporaryDirectory() as d:
-                    p = os.path.join(d, "t.parquet")
-                    Path(p).write_bytes(storage.read_bytes(rel))
-                    t = DistanceTable.load(p)
-        except Exception as e:  # a corrupt table should not sink the whole report
-            warnings.warn(f"skipping distance table {storage.path(rel)}: {e}", stacklevel=2)
-            continue
-        tables[t.model_id] = t
-    return tables
+    """Every distance table under ``<storage>/tables/``, keyed by model id (``ledger.tables``)."""
+    return read_distance_tables(storage if isinstance(storage, Storage) else Storage(storage))
 
 
 def remote_code_models(record: Mapping[str, Any] | None, df: pd.DataFrame) -> list[str]:

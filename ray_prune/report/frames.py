@@ -30,30 +30,30 @@ def has_values(column: pd.Series) -> bool:
     return bool(pd.to_numeric(column, errors="coerce").notna().any())
 
 
-def _stage_rows(df: pd.DataFrame, stage: str, status: str | None = "finished") -> pd.DataFrame:
+def stage_rows(df: pd.DataFrame, stage: str, status: str | None = "finished") -> pd.DataFrame:
     keep = df["stage"] == stage
     if status is not None:
         keep &= df["status"] == status
     return df[keep]
 
 
-def _fkey(x: float) -> float:
+def fraction_key(x: float) -> float:
     return round(float(x), _ROUND)
 
 
-def _fraction(df: pd.DataFrame) -> pd.Series:
+def fractions_removed(df: pd.DataFrame) -> pd.Series:
     """n/L for each row (``fraction_removed``, recomputed where it is null)."""
     f = pd.to_numeric(df["fraction_removed"], errors="coerce")
     f = f.fillna(pd.to_numeric(df["n"], errors="coerce") / pd.to_numeric(df["num_layers"], errors="coerce"))
-    return f.map(lambda v: _fkey(v) if pd.notna(v) else v)
+    return f.map(lambda v: fraction_key(v) if pd.notna(v) else v)
 
 
-def _text(values: pd.Series) -> pd.Series:
+def as_text(values: pd.Series) -> pd.Series:
     """Each value as ``str()`` writes it, null included ("None", "nan"): a key that compares and sorts."""
     return values.map(str)
 
 
-def _settings(df: pd.DataFrame, keys: Iterable[str] = AXIS_COLUMNS) -> pd.Series:
+def heal_setting_keys(df: pd.DataFrame, keys: Iterable[str] = AXIS_COLUMNS) -> pd.Series:
     """Each row's heal setting (the values of ``keys``) as one text key."""
     return df[list(keys)].map(str).agg("|".join, axis=1)
 
@@ -66,7 +66,7 @@ def task_of(column: str) -> str:
     return column
 
 
-def metric_column(df: pd.DataFrame, metric: str) -> str:
+def score_column(df: pd.DataFrame, metric: str) -> str:
     """The accuracy column of a task name (``mmlu`` -> ``mmlu_acc``; the task's main metric where it has
     values), or ``metric`` itself; a KeyError where none of them has a value."""
     df = conformed(df)
@@ -84,7 +84,7 @@ def available_metrics(df: pd.DataFrame) -> list[str]:
     df = conformed(df)
     tasks = {task_of(c) for c in df.columns if c.endswith("_acc") and has_values(df[c])}
     ordered = [t for t in TASKS if t in tasks] + sorted(tasks - set(TASKS))
-    return [metric_column(df, t) for t in ordered]
+    return [score_column(df, t) for t in ordered]
 
 
 def metric_label(column: str) -> str:
@@ -94,7 +94,7 @@ def metric_label(column: str) -> str:
     return f"{name} {kind}"
 
 
-def _order_strategies(strategies: Iterable) -> list[str]:
+def order_strategies(strategies: Iterable) -> list[str]:
     """similarity, deepest, then any other strategy alphabetically."""
     known = list(STRATEGIES)
     return sorted({s for s in strategies if isinstance(s, str) and s},
@@ -108,12 +108,12 @@ def select_healed(df: pd.DataFrame) -> pd.DataFrame:
     mean ``heal_val_loss`` are kept (all its seeds); ties and missing losses keep the first
     setting in sorted order.
     """
-    healed = _stage_rows(conformed(df), "healed")
+    healed = stage_rows(conformed(df), "healed")
     if healed.empty:
         return healed
     keep = []
     for _, g in healed.groupby(["model", "strategy", "n"], sort=True, dropna=False):
-        settings = _settings(g)
+        settings = heal_setting_keys(g)
         if settings.nunique() > 1:
             loss = pd.to_numeric(g["heal_val_loss"], errors="coerce")
             score = loss.groupby(settings).mean().sort_index()
@@ -145,12 +145,12 @@ def metric_points(df: pd.DataFrame, column: str) -> pd.DataFrame:
     if df.empty or column not in df.columns:
         return pd.DataFrame(columns=cols)
     out = []
-    frames = {"baseline": _stage_rows(df, "baseline"), "unhealed": _stage_rows(df, "unhealed"),
+    frames = {"baseline": stage_rows(df, "baseline"), "unhealed": stage_rows(df, "unhealed"),
               "healed": select_healed(df)}
     for stage, sel in frames.items():
         if sel.empty:
             continue
-        sel = sel.assign(_f=_fraction(sel))
+        sel = sel.assign(_f=fractions_removed(sel))
         baseline = stage == "baseline"
         for key, g in sel.groupby(["model"] if baseline else ["model", "strategy", "n"], sort=True, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
@@ -172,7 +172,7 @@ def expected_grid(df: pd.DataFrame, expected: pd.DataFrame | None = None) -> dic
     grid: dict[tuple[str, str], set[float]] = {}
     pruned = df[df["stage"].isin(["unhealed", "healed"])]
     for src in [s for s in (expected, pruned) if s is not None and len(s)]:
-        for model, strategy, frac in zip(src["model"], src["strategy"], _fraction(src)):
+        for model, strategy, frac in zip(src["model"], src["strategy"], fractions_removed(src)):
             if pd.notna(frac) and frac > 0 and isinstance(strategy, str):
-                grid.setdefault((model, strategy), set()).add(_fkey(frac))
+                grid.setdefault((model, strategy), set()).add(fraction_key(frac))
     return {k: sorted(v) for k, v in grid.items()}

@@ -34,14 +34,14 @@ REFERENCE_COLOR = "#555555"
 
 
 @contextmanager
-def _style():
+def style_context():
     import matplotlib
 
     with matplotlib.rc_context(STYLE):
         yield
 
 
-def _new_axes(ax, figsize=(8.0, 4.8)):
+def new_axes(ax, figsize=(8.0, 4.8)):
     if ax is not None:
         return ax
     import matplotlib.pyplot as plt
@@ -50,11 +50,11 @@ def _new_axes(ax, figsize=(8.0, 4.8)):
     return ax
 
 
-def _line(strategy: str) -> str:
+def strategy_line(strategy: str) -> str:
     return STRATEGY_LINE.get(strategy, ":")
 
 
-def _marker(strategy: str) -> str:
+def strategy_marker(strategy: str) -> str:
     return STRATEGY_MARKER.get(strategy, "^")
 
 
@@ -79,6 +79,6 @@ def model_colors(models: Iterable[str]) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(set(models)))}
 
 
-def _pct(f: float) -> str:
+def percent(f: float) -> str:
     """0.1 -> "10%", 0.125 -> "12.5%"."""
     return f"{f:.0%}" if abs(f * 100 - round(f * 100)) < 1e-9 else f"{f:.1%}"

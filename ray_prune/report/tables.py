@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ray_prune.ledger.schema import AXIS_COLUMNS, heal_column
-from ray_prune.report.frames import (_fkey, _fraction, _text, available_metrics, conformed, expected_grid,
-                                     metric_column, metric_points)
+from ray_prune.report.frames import (fraction_key, fractions_removed, as_text, available_metrics, conformed, expected_grid,
+                                     score_column, metric_points)
 
 # ----------------------------------------------------------------------------- safely removable fraction
 
@@ -20,7 +20,7 @@ def _healed_states(df: pd.DataFrame) -> dict[tuple, set]:
     """(model, strategy, fraction) -> the statuses of its healed rows: why a grid point may have no healed score."""
     healed = df[df["stage"] == "healed"]
     states: dict[tuple, set] = {}
-    for m, st, f, status in zip(healed["model"], healed["strategy"], _fraction(healed), healed["status"]):
+    for m, st, f, status in zip(healed["model"], healed["strategy"], fractions_removed(healed), healed["status"]):
         states.setdefault((m, st, f), set()).add(status)
     return states
 
@@ -104,13 +104,13 @@ def safe_fractions(df: pd.DataFrame, tolerances: Sequence[float] = (1, 2, 5), me
     states = _healed_states(df)
     out = []
     for metric in list(metrics) if metrics is not None else available_metrics(df):
-        column = metric_column(df, metric)
+        column = score_column(df, metric)
         points = metric_points(df, column)
         base = points[points["stage"] == "baseline"].set_index("model")["value"]
         healed = points[points["stage"] == "healed"]
         for (model, strategy), fractions in sorted(grid.items()):
             sel = healed[(healed["model"] == model) & (healed["strategy"] == strategy)]
-            values = {_fkey(f): v for f, v in zip(sel["fraction_removed"], sel["value"])}
+            values = {fraction_key(f): v for f, v in zip(sel["fraction_removed"], sel["value"])}
             rec = {"model": model, "metric": column, "strategy": strategy,
                    "num_layers": _num_layers(df, expected, model)}
             out.append(_safe_row(rec, float(base.get(model, math.nan)), fractions, values, ks,
@@ -176,7 +176,7 @@ def _stopped(df: pd.DataFrame, wall: pd.Series, gpus: pd.Series) -> list[dict[st
         model = df.at[i, "model"]
         same = finished[finished["model"] == model]
         for k in keys:
-            same = same[_text(same[k]) == str(df.at[i, k])]
+            same = same[as_text(same[k]) == str(df.at[i, k])]
         total_steps = pd.to_numeric(pd.Series([df.at[i, "heal_steps"]]), errors="coerce").iloc[0]
         done = pd.to_numeric(pd.Series([df.at[i, "steps_done"]]), errors="coerce").fillna(0.0).iloc[0]
         if same.empty or not (total_steps > 0):

@@ -17,12 +17,12 @@ from ray_prune.ledger.rows import load_results, read_experiment_record
 from ray_prune.ledger.storage import Storage
 from ray_prune.report.cells import cell_status, expected_cells, load_tables, missing_cells, remote_code_models
 from ray_prune.report.figures.distance import plot_distance
-from ray_prune.report.figures.heal_curves import _heal_layout, plot_heal_curves
+from ray_prune.report.figures.heal_curves import heal_layout, plot_heal_curves
 from ray_prune.report.figures.lstar import plot_lstar
-from ray_prune.report.figures.scores import _loss_layout, plot_loss, plot_metric
+from ray_prune.report.figures.scores import loss_layout, plot_loss, plot_metric
 from ray_prune.report.frames import available_metrics, has_values, metric_label
 from ray_prune.report.page import is_report, render
-from ray_prune.report.style import DPI, _style, model_colors, model_labels, short_name
+from ray_prune.report.style import DPI, style_context, model_colors, model_labels, short_name
 from ray_prune.report.tables import cost_table, safe_fractions
 
 # Every file a report writes: a rerun into the same folder removes them first, so none goes stale.
@@ -42,7 +42,7 @@ def _clean_previous(out: Path) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    with _style():
+    with style_context():
         fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
 
 
@@ -67,7 +67,7 @@ class _Figures:
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=figsize, layout="constrained")
-        with _style():
+        with style_context():
             draw(fig)
         _save(fig, self.out_dir / name)
         self.files.append((section, name, caption))
@@ -108,14 +108,14 @@ def _result_figures(figs: _Figures, df: pd.DataFrame, expected: pd.DataFrame | N
                  lambda fig, c=column: plot_metric(df, c, ax=fig.subplots(), expected=expected, colors=colors),
                  figsize=(8.6, 4.8))
     if has_values(df["c4_loss_norm"]):
-        _, nrows, ncols = _loss_layout(df, expected)
+        _, nrows, ncols = loss_layout(df, expected)
         figs.add("loss", "loss.png",
                  "C4 validation loss divided by ln V (V: vocabulary size) against the fraction of layers dropped, one "
                  "panel per model (shared y axis); 1.0 (dotted) is the loss of a uniform guess over the vocabulary. "
                  "Styles as in the accuracy figures; no error bands (the loss has no standard error in the results).",
                  lambda fig: plot_loss(df, fig=fig, expected=expected, colors=colors),
                  figsize=(4.6 * ncols + 2.6, 3.9 * nrows))
-    curves, curve_models, curve_strategies = _heal_layout(df)
+    curves, curve_models, curve_strategies = heal_layout(df)
     if len(curves):
         n_models, n_strat = max(1, len(curve_models)), max(1, len(curve_strategies))
         figs.add("heal", "heal_curves.png",

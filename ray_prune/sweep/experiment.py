@@ -6,10 +6,9 @@ everything that determines its result, which is how a rerun knows what is
 already done.
 
 The schema declares only what is the sweep's own (fractions, storage,
-resources...). Its choices come from their owners: heal settings from
-:class:`~ray_prune.core.heal.config.HealConfig` (``heal_schema.py``), task
-names from the task registry, distance metrics, strategies, dtypes and text
-datasets from the core modules that define them.
+resources...). The ``calibration``, ``eval`` and ``heal`` sections are derived
+from the core settings objects (``sections.py``); strategies, dtypes and text
+datasets come from the core modules that define them.
 """
 
 from __future__ import annotations
@@ -20,15 +19,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ray_prune.core import dtypes
 from ray_prune.core.data import TEXT_SOURCES
-from ray_prune.core.distance import METRICS
-from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, unknown_task_message
 from ray_prune.core.select import PLANNED_STRATEGIES
 from ray_prune.errors import UserError
-from ray_prune.sweep.heal_schema import HealGrid, check_model_heal
+from ray_prune.sweep.sections import CalibrationSection, EvalSection, HealSection, check_model_heal
 
 Strict = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,52 +47,6 @@ class ModelSpec(_Strict):
     @classmethod
     def _heal_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         return check_model_heal(v)
-
-
-class Calibration(_Strict):
-    dataset: _choice(TEXT_SOURCES) = "c4"
-    samples: int = Field(128, gt=0)
-    max_length: int = Field(1024, ge=2)
-    batch_size: int = Field(8, gt=0)
-    metric: _choice(METRICS) = "angular"
-
-    @model_validator(mode="after")
-    def _batch_fits(self) -> "Calibration":
-        if self.batch_size > self.samples:
-            raise ValueError(f"batch_size {self.batch_size} is larger than the calibration set ({self.samples} "
-                             "samples); lower batch_size or raise samples")
-        return self
-
-
-class TaskSettings(_Strict):
-    shots: int | None = Field(None, ge=0)
-    limit: int | None = Field(None, gt=0)
-
-
-class Evaluation(_Strict):
-    tasks: dict[str, TaskSettings] = Field(
-        default_factory=lambda: {t: TaskSettings(shots=TASKS[t].shots) for t in DEFAULT_TASKS})
-    c4_sequences: int = Field(64, ge=0)
-    seq_len: int = Field(1024, ge=2)
-    batch_size: int = Field(8, gt=0)
-    unhealed: Union[bool, Literal["loss"]] = Field(
-        True, description="true: each pruned model is also scored before healing, on every task; loss: before "
-        "healing only the C4 loss (the paper's before-healing comparison is that loss curve; this halves the QA "
-        "cost of a sweep); false: no unhealed rows")
-    precision: Literal["trained", "full"] = Field(
-        "trained", description="trained: every row of a cell is scored in the precision the cell heals in (an NF4 "
-        "base for QLoRA; the adapter unmerged, as the paper scored it); full: the experiment's dtype, with the "
-        "adapter merged in fp32 arithmetic")
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _tasks(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            v = {t: {} for t in v}
-        for name in v or {}:
-            if name not in TASKS:
-                raise ValueError(unknown_task_message(name))
-        return {k: (s or {}) for k, s in (v or {}).items()}
 
 
 class TextStream(_Strict):
@@ -139,11 +90,11 @@ class Experiment(_Strict):
     storage: str | None = None
     data_dir: str | None = None
     models: list[ModelSpec] = Field(min_length=1)
-    calibration: Calibration = Calibration()
+    calibration: CalibrationSection = CalibrationSection()
     fractions: Union[list[float], FractionRange]
     strategies: list[_choice(PLANNED_STRATEGIES)] = Field(list(PLANNED_STRATEGIES), min_length=1)
-    heal: HealGrid = HealGrid()
-    eval: Evaluation = Evaluation()
+    heal: HealSection = HealSection()
+    eval: EvalSection = EvalSection()
     seeds: list[int] = Field([0], min_length=1)
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()

@@ -3,9 +3,10 @@
 The id is the ledger key: a rerun skips every cell whose id already has a
 finished row, and adding a fraction or a model adds only new ids. The code
 version is recorded in every row but deliberately left out of the id, so an
-upgrade of ray-prune does not invalidate a week of GPU time; so is any heal
-setting whose ``identity`` metadata says it does not change the result, and a
-setting added later enters the id only once it is set away from its default.
+upgrade of ray-prune does not invalidate a week of GPU time; so is any setting
+whose ``identity`` metadata says it does not change the result, and a setting
+added later enters the id only once it is set away from its default
+(``Settings.identity_of``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ray_prune.core.bundled import BUNDLED
+from ray_prune.core.calibration import CalibrationConfig
+from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.select import check_n, n_from_fraction
 from ray_prune.errors import UserError
 from ray_prune.ledger.layout import stable_hash
 from ray_prune.sweep.experiment import Experiment, ModelSpec
-
-_DEFAULTS = HealConfig.defaults()
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Cell:
     seed: int
     heal: dict[str, Any]  # the experiment's heal section at this grid point (HealConfig settings + enabled)
     calibration: dict[str, Any]
-    eval: dict[str, Any]
+    eval: dict[str, Any]  # the experiment's eval section (EvalConfig settings + unhealed, precision)
     dtype: str
     cell_id: str = ""
     unhealed_id: str = ""
@@ -54,18 +54,23 @@ class Cell:
 
     def heal_config(self) -> HealConfig:
         """The HealConfig this cell trains with: its heal settings, its seed, the experiment's dtype."""
-        names = {f.name for f in HealConfig.settings()}
-        return HealConfig(**{k: v for k, v in self.heal.items() if k in names}, seed=self.seed, dtype=self.dtype)
+        return HealConfig.from_point(self.heal, seed=self.seed, dtype=self.dtype)
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig.from_dict(self.eval)
+
+    def calibration_config(self) -> CalibrationConfig:
+        return CalibrationConfig.from_dict(self.calibration)
 
 
 def heal_identity(point: dict[str, Any]) -> dict[str, Any]:
     """The part of a heal point that names a cell (see the module docstring and ``HealConfig``'s metadata)."""
-    out = {"enabled": point.get("enabled", True)}
-    for f in HealConfig.settings():
-        rule = f.metadata["identity"]
-        if rule == "always" or (rule == "if_changed" and point.get(f.name, f.default) != _DEFAULTS[f.name]):
-            out[f.name] = point.get(f.name, f.default)
-    return out
+    return HealConfig.identity_of({"enabled": True, **point})
+
+
+def eval_identity(exp: Experiment) -> dict[str, Any]:
+    """The part of the eval section that names a cell."""
+    return EvalConfig.identity_of(exp.eval.model_dump())
 
 
 def scored_as(exp: Experiment, heal: dict[str, Any]) -> str:
@@ -77,24 +82,10 @@ def scored_as(exp: Experiment, heal: dict[str, Any]) -> str:
 
 def baseline_id(exp: Experiment, model: str, quantize: str = "none") -> str:
     """The id of a model's unpruned baseline row, one per precision its cells are scored in."""
-    key = {"baseline": model, "eval": exp.eval.model_dump(), "dtype": exp.dtype}
+    key = {"baseline": model, "eval": eval_identity(exp), "dtype": exp.dtype}
     if quantize != "none":
         key["quantize"] = quantize
     return stable_hash(key)
-
-
-def model_num_layers(spec: ModelSpec) -> int:
-    """L from the config alone (no weights), so grids are checked before anything heavy runs."""
-    if spec.name in BUNDLED:
-        return BUNDLED[spec.name].num_layers
-    from ray_prune.core.architecture import family_of
-    from ray_prune.core.model_configs import load_config
-    from ray_prune.core.models import resolve
-
-    resolve(spec.name)  # a local directory must hold a config and safetensors, never only pickles
-    config = load_config(spec.name, spec.trust_remote_code).config  # shipped configs where the hub is out of reach
-    family_of(config)
-    return int(config.num_hidden_layers)
 
 
 def _n_of(fraction: float, spec: ModelSpec, L: int) -> int:
@@ -112,15 +103,18 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
     cells: dict[str, Cell] = {}
     owners: set[str] = set()
     calibration = exp.calibration.model_dump()
+    calibration_id = CalibrationConfig.identity_of(calibration)
     evaluation = exp.eval.model_dump()
+    evaluation_id = eval_identity(exp)
     for spec in exp.models:
         L = num_layers[spec.name]
         for fraction in exp.fraction_values():
             n = _n_of(fraction, spec, L)
             # n = 0 prunes nothing: one cell, whatever the strategies, and its unhealed row is the baseline's.
             for strategy in (exp.strategies if n > 0 else ["none"]):
-                prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation, "dtype": exp.dtype,
-                             "calibration": calibration if strategy == "similarity" and n > 0 else None}
+                prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation_id,
+                             "dtype": exp.dtype,
+                             "calibration": calibration_id if strategy == "similarity" and n > 0 else None}
                 for heal in exp.heal_points(spec):
                     quantize = scored_as(exp, heal)
                     unhealed_id = (baseline_id(exp, spec.name, quantize) if n == 0

@@ -18,44 +18,46 @@ puts its cells last.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
     from ray_prune.sweep.grid import Cell
+    from ray_prune.sweep.plan import ModelRecord
     from ray_prune.sweep.trial import TrialSpec
 
 QUESTION_TOKENS = 256  # a rough length of one QA prompt with its choices; only the ranking uses it
 
 
-@lru_cache(maxsize=None)
-def _per_token(model: str, trust_remote_code: bool) -> tuple[int, int] | None:
-    """(one block's linear weights, LM head weights) of ``model``, or None when its config cannot be read."""
-    from ray_prune.core.memory_arch import Arch, param_count
-    from ray_prune.core.model_configs import load_config
+def _per_token(record: ModelRecord | None) -> tuple[int, int] | None:
+    """(one block's linear weights, LM head weights) of a model, or None when the memory model cannot read it."""
+    from ray_prune.core.memory import param_count
     from ray_prune.errors import UserError
 
+    if record is None:
+        return None
     try:
-        p = param_count(Arch.from_config(load_config(model, trust_remote_code).config))
-    except (UserError, OSError, ValueError):
+        p = param_count(record.arch)
+    except (UserError, ValueError, AttributeError):
         return None
     return p.layer_linear, p.embedding if not p.lm_head else p.lm_head
 
 
 def _eval_tokens(ev: dict, with_qa: bool) -> int:
-    from ray_prune.sweep.trial import task_shots
+    from ray_prune.core.evaluation.config import EvalConfig
 
     qa = 0
     if with_qa:
-        for name, shots in task_shots(ev["tasks"]).items():
-            qa += (ev["tasks"][name].get("limit") or 1000) * (shots + 1) * QUESTION_TOKENS
+        config = EvalConfig.from_dict(ev)
+        limits = config.limits()
+        for name, shots in config.shots().items():
+            qa += (limits[name] or 1000) * (shots + 1) * QUESTION_TOKENS
     return qa + (ev.get("c4_sequences") or 0) * (ev.get("seq_len") or 0)
 
 
-def trial_cost(cell: Cell, does_unhealed: bool) -> float:
+def trial_cost(cell: Cell, does_unhealed: bool, record: ModelRecord | None = None) -> float:
     """A relative cost of ``cell``'s trial: forward weights per token times tokens."""
     kept = cell.num_layers - cell.n
-    shape = _per_token(cell.model, cell.trust_remote_code)
+    shape = _per_token(record)
     per_token = kept / max(1, cell.num_layers) if shape is None else kept * shape[0] + shape[1]
     tokens = 0
     if does_unhealed:
@@ -68,6 +70,8 @@ def trial_cost(cell: Cell, does_unhealed: bool) -> float:
     return float(per_token) * tokens
 
 
-def longest_first(specs: list[TrialSpec]) -> list[TrialSpec]:
-    """``specs`` sorted by estimated cost, the costliest first (ties keep the grid order)."""
-    return sorted(specs, key=lambda s: -trial_cost(s.cell, s.do_unhealed))
+def longest_first(specs: list[TrialSpec], models: Mapping[str, ModelRecord] | None = None) -> list[TrialSpec]:
+    """``specs`` sorted by estimated cost, the costliest first (ties keep the grid order). ``models``: the plan's
+    record of each model, whose config sizes its blocks."""
+    models = models or {}
+    return sorted(specs, key=lambda s: -trial_cost(s.cell, s.do_unhealed, models.get(s.cell.model)))

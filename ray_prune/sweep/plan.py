@@ -1,23 +1,59 @@
 """Everything about a sweep that can be known and checked before Ray starts or a model loads.
 
-``plan`` validates storage, data, tasks, layer counts and LoRA targets, expands
-the grid and reads the ledger, and returns a typed :class:`Plan`. Every check
-raises a ``UserError`` naming the problem and the fix, and writes nothing.
+``plan`` validates storage, data, tasks, models and LoRA targets, expands the grid and reads the ledger, and
+returns a typed :class:`Plan`. Every check raises a ``UserError`` naming the problem and the fix, and writes
+nothing. What the driver learns here it carries forward: each model's config is read once, into a
+:class:`ModelRecord` (the layer count, the architecture the memory plan and the trial order use, where the
+config came from), and the memory plan is made once, when the GPU size is known (:func:`plan_memory`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray_prune.errors import UserError
 from ray_prune.ledger.done import DONE, done_ids
 from ray_prune.ledger.rows import read_experiment_record
 from ray_prune.ledger.storage import Storage
-from ray_prune.sweep.experiment import Experiment
-from ray_prune.sweep.grid import Cell, expand, model_num_layers
+from ray_prune.sweep.experiment import Experiment, ModelSpec
+from ray_prune.sweep.grid import Cell, expand
 
 DEFAULT_STORAGE_ROOT = "results"  # an experiment without storage writes to results/<name>
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What the driver knows of one model from its config alone, read once (``core.model_configs``)."""
+
+    spec: ModelSpec
+    config: Any  # transformers.PretrainedConfig
+    num_layers: int
+    source: str  # bundled, local, hub or shipped (model_configs.LoadedConfig.source)
+    note: str = ""  # why a fallback config was used, if one was
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def arch(self):
+        """The memory model's view of the config (``core.memory.Arch``)."""
+        from ray_prune.core.memory import Arch
+
+        return Arch.from_config(self.config)
+
+
+def read_model(spec: ModelSpec) -> ModelRecord:
+    """The model's config (shipped configs where the hub is out of reach), its family checked, its layers counted.
+    A local directory must hold a config and safetensors, never only pickles."""
+    from ray_prune.core.architecture import family_of
+    from ray_prune.core.model_configs import load_config
+
+    loaded = load_config(spec.name, spec.trust_remote_code)
+    family_of(loaded.config)
+    return ModelRecord(spec, loaded.config, int(loaded.config.num_hidden_layers), loaded.source, loaded.note)
 
 
 @dataclass
@@ -27,14 +63,18 @@ class Plan:
     experiment: Experiment
     storage: Storage
     data_dir: str | None
-    layers: dict[str, int]  # model -> L
+    models: dict[str, ModelRecord]  # name -> what its config says, read once
     cells: list[Cell]
     pending: list[Cell]  # cells without a finished or stopped healed row
     ledger: dict[tuple[str, str], str]  # (cell_id, stage) -> status of the rows already there
-    memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, when the GPU size is known
+    memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, once the GPU size is known
     storage_note: str = ""  # why storage was not checked (--check on a machine that cannot reach it)
 
-    def models_with_work(self) -> list:
+    @property
+    def layers(self) -> dict[str, int]:
+        return {name: m.num_layers for name, m in self.models.items()}
+
+    def models_with_work(self) -> list[ModelSpec]:
         return [m for m in self.experiment.models if any(c.model == m.name for c in self.pending)]
 
 
@@ -44,22 +84,24 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
 
     ``check`` (``--check``): a remote storage root that cannot be reached is noted instead of refused,
     so the plan prints on a laptop with no access to the cluster's bucket. ``gpu_memory_gb`` overrides
-    ``resources.gpu_memory_gb``; with neither, no memory plan is made (a CPU sweep needs none).
+    ``resources.gpu_memory_gb``; with neither, no memory plan is made yet (a CPU sweep needs none; a GPU
+    sweep makes it once it has read the size off a GPU, ``run``).
     """
     from ray_prune.core.data import data_dir
 
     uri = storage_uri or exp.storage or os.path.join(DEFAULT_STORAGE_ROOT, exp.name)
     storage, ledger, note = _open_storage(exp, uri, rerun, check)
     root = data_dir(exp.data_dir)
-    check_tasks(exp, local=root is not None)
+    exp.eval.config().validate(local=root is not None)
     if root is not None:
         check_local_data(exp, root)
-    layers = {m.name: model_num_layers(m) for m in exp.models}
-    check_lora_targets(exp)
-    cells = expand(exp, layers)
+    models = {m.name: read_model(m) for m in exp.models}
+    check_lora_targets(exp, models)
+    cells = expand(exp, {name: m.num_layers for name, m in models.items()})
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in DONE]
-    memory = plan_memory(exp, gpu_memory_gb or exp.resources.gpu_memory_gb)
-    return Plan(exp, storage, str(root) if root else None, layers, cells, pending, ledger, memory, note)
+    p = Plan(exp, storage, str(root) if root else None, models, cells, pending, ledger, storage_note=note)
+    plan_memory(p, gpu_memory_gb or exp.resources.gpu_memory_gb)
+    return p
 
 
 def _open_storage(exp: Experiment, uri: str, rerun: bool, check: bool):
@@ -78,31 +120,22 @@ def _open_storage(exp: Experiment, uri: str, rerun: bool, check: bool):
     return storage, ({} if rerun else done_ids(storage)), ""
 
 
-def plan_memory(exp: Experiment, gpu_memory_gb: float | None) -> list:
-    """Each model's memory plan on GPUs of ``gpu_memory_gb``; refuses, naming the model and the fix, when a
-    stage fits nowhere."""
+def plan_memory(p: Plan, gpu_memory_gb: float | None) -> list:
+    """Each model's memory plan on GPUs of ``gpu_memory_gb``, kept in ``p.memory``; refuses, naming the model and
+    the fix, when a stage fits nowhere. Without a size, nothing is planned."""
     if gpu_memory_gb is None:
-        return []
+        return p.memory
     from ray_prune.sweep.memory_plan import plan_models
 
-    plans = plan_models(exp, gpu_memory_gb, exp.resources.gpus_per_node)
-    for p in plans:
-        for c in p.choices:
+    exp = p.experiment
+    p.memory = plan_models(exp, p.models, gpu_memory_gb, exp.resources.gpus_per_node)
+    for mp in p.memory:
+        for c in mp.choices:
             if not c.fits:
-                raise UserError(f"{p.model}: the {c.stage} stage fits no {gpu_memory_gb:g} GB GPU, nor "
+                raise UserError(f"{mp.model}: the {c.stage} stage fits no {gpu_memory_gb:g} GB GPU, nor "
                                 f"{exp.resources.gpus_per_node} of them (estimated {c.estimate.peak_gib:.1f} GiB "
                                 f"per GPU)", c.fix or "use GPUs with more memory")
-    return plans
-
-
-def check_tasks(exp: Experiment, local: bool) -> None:
-    """Shots every task can be run with (few-shot BoolQ needs a train split the local mirror lacks)."""
-    from ray_prune.core.evaluation.tasks import resolve_tasks
-
-    if exp.eval.tasks:
-        defaults = resolve_tasks(list(exp.eval.tasks))
-        resolve_tasks({k: v.shots if v.shots is not None else defaults[k] for k, v in exp.eval.tasks.items()},
-                      local=local)
+    return p.memory
 
 
 def check_local_data(exp: Experiment, root) -> None:
@@ -123,21 +156,20 @@ def check_local_data(exp: Experiment, root) -> None:
             local_file(root, f"{spec.local_dataset}/{split}.parquet")
 
 
-def check_lora_targets(exp: Experiment) -> None:
+def check_lora_targets(exp: Experiment, models: dict[str, ModelRecord]) -> None:
     """Explicit LoRA target names must exist: checked on a weightless (meta-device) copy of each model."""
     explicit = [(m, h["target"]) for m in exp.models for h in exp.heal_points(m) if isinstance(h["target"], list)]
     if not explicit:
         return
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ray_prune.core.heal.lora import resolve_targets
-    from ray_prune.core.models import resolve
 
     for spec, target in explicit:
-        config = AutoConfig.from_pretrained(resolve(spec.name), trust_remote_code=spec.trust_remote_code)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+            skeleton = AutoModelForCausalLM.from_config(models[spec.name].config,
+                                                        trust_remote_code=spec.trust_remote_code)
         try:
             resolve_targets(skeleton, target)
         except UserError as e:

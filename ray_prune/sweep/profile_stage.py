@@ -10,8 +10,6 @@ the trials need.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 from ray_prune.errors import UserError
 from ray_prune.ledger.layout import table_path
 from ray_prune.ledger.rows import write_row
+from ray_prune.ledger.tables import read_distance_table, write_distance_table
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
 from ray_prune.sweep.grid import baseline_id
@@ -43,15 +42,6 @@ def reference_key(quantize: str, seq_len: int, val_sequences: int) -> str:
     return f"{quantize}:{seq_len}x{val_sequences}"
 
 
-def _save_table(storage: Storage, model: str, table) -> None:
-    local = storage.local_path(table_path(model))
-    if local is not None:
-        table.save(local)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        storage.write_bytes(table_path(model), table.save(os.path.join(d, "t.parquet")).read_bytes())
-
-
 def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, streamed: bool,
              gpus: float) -> float:
     """The distance table, in the experiment's inference precision; returns its seconds. ``streamed``: one block
@@ -61,7 +51,7 @@ def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str |
     from ray_prune.core.profile import profile
     from ray_prune.core.profile_streamed import profile_streamed
 
-    cal = exp.calibration
+    cal = exp.calibration.config()
     texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir,
                        source=exp.text_source(cal.dataset))
     kw = dict(metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length, model_id=spec.name,
@@ -75,7 +65,7 @@ def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str |
         model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code, spread=gpus > 1)
         t0 = time.perf_counter()
         table = profile(model, tok, texts, **kw)
-    _save_table(storage, spec.name, table)
+    write_distance_table(storage, spec.name, table)
     return time.perf_counter() - t0
 
 
@@ -207,18 +197,5 @@ def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
 
 def load_tables(p: Plan) -> dict[str, Any]:
     """The distance table of every model that has pending similarity cells."""
-    from ray_prune.core.distance import DistanceTable
-
-    tables = {}
-    for c in p.pending:
-        if c.strategy == "similarity" and c.n > 0 and c.model not in tables:
-            local = p.storage.local_path(table_path(c.model))
-            if local is not None:
-                tables[c.model] = DistanceTable.load(local)
-                continue
-            with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "t.parquet")
-                with open(path, "wb") as f:
-                    f.write(p.storage.read_bytes(table_path(c.model)))
-                tables[c.model] = DistanceTable.load(path)
-    return tables
+    models = {c.model for c in p.pending if c.strategy == "similarity" and c.n > 0}
+    return {m: read_distance_table(p.storage, m) for m in sorted(models)}

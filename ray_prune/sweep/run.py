@@ -57,8 +57,9 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     from ray_prune.sweep.tune_run import run_tune
 
     exp, store = p.experiment, p.storage
+    # Every cell in full, so what the sweep expects is read from storage, never rebuilt (report/, status).
     save_experiment_record(store, exp.name, {"experiment": exp.model_dump(mode="json"), "layers": p.layers,
-                                             "cells": [{"cell_id": c.cell_id, "model": c.model} for c in p.cells],
+                                             "cells": [c.to_dict() for c in p.cells],
                                              "code_version": ray_prune.__version__})
     say = print if progress else (lambda *a, **k: None)
     say(f"{exp.name}: {len(p.cells)} cells, {len(p.cells) - len(p.pending)} already done, "
@@ -74,9 +75,9 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     profiled = run_profile_stage(p, per_model, cpus, rerun, interrupts)
     tables = load_tables(p)
     specs = longest_first([_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"])
-                           for c in p.pending])
+                           for c in p.pending], p.models)
 
-    _write_mergekit_configs(store, specs, say)
+    _write_mergekit_configs(store, specs, p, say)
     totals: dict[str, int] = {}
     for s in specs:
         totals[s.cell.model] = totals.get(s.cell.model, 0) + 1
@@ -93,7 +94,8 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
 
 def _gpus_per_model(p: Plan, gpus: float, say) -> dict[str, dict]:
     """Per model: GPUs of its profiling actor and of each trial, and whether to profile streamed, from the memory
-    plan (made now from a probe of the cluster's GPUs if the experiment did not name their size)."""
+    plan. The plan is made here, once, when the experiment did not give the GPU size and the cluster has GPUs to
+    read it from (``--check`` and a given size make it in ``plan``)."""
     from ray_prune.sweep.cluster import probe_gpu_memory_gb
     from ray_prune.sweep.plan import plan_memory
 
@@ -101,8 +103,7 @@ def _gpus_per_model(p: Plan, gpus: float, say) -> dict[str, dict]:
     if not gpus:
         return out
     if not p.memory and p.experiment.resources.gpus_per_trial == "auto":
-        size = probe_gpu_memory_gb()
-        p.memory = plan_memory(p.experiment, size) if size else []
+        plan_memory(p, probe_gpu_memory_gb())
     for mp in p.memory:
         streamed = mp.choice("profile") is not None and mp.choice("profile").precision.startswith("streamed")
         out[mp.model] = {"profile": float(mp.profile_gpus), "trial": float(mp.trial_gpus), "streamed": streamed}
@@ -131,7 +132,7 @@ def _trial_spec(c, p: Plan, profiled, tables: dict, cpus: int, gpus: float):
         do_unhealed=p.experiment.eval.unhealed and c.owns_unhealed, blocks=blocks, gpus=gpus)
 
 
-def _write_mergekit_configs(store, specs, say) -> None:
+def _write_mergekit_configs(store, specs, p: Plan, say) -> None:
     """Each pending cell's pruning as a mergekit passthrough config (``layout.mergekit_path``), for the models
     mergekit can prune faithfully (``core.export`` says which, and why not the others)."""
     from ray_prune.core.export import mergekit_yaml
@@ -145,7 +146,8 @@ def _write_mergekit_configs(store, specs, say) -> None:
             continue
         path = mergekit_path(c.model, c.cell_id)
         try:
-            text = mergekit_yaml(store.path(path), c.model, c.num_layers, c.removed_layers, c.dtype)
+            text = mergekit_yaml(store.path(path), c.model, c.num_layers, c.removed_layers, c.dtype,
+                                 config=p.models[c.model].config)
         except UserError as e:
             refused[c.model] = e.problem
             continue

@@ -47,31 +47,14 @@ class TrialSpec:
     gpus: float = 0.0  # what Ray gives the trial (the memory plan's GPUs for this model); > 1: model spread on them
 
 
-def task_shots(tasks: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """An experiment's ``eval.tasks`` as ``{task: shots}``, each task's default where the file sets none."""
-    from ray_prune.core.evaluation.tasks import resolve_tasks
-
-    defaults = resolve_tasks(list(tasks)) if tasks else {}
-    return {name: defaults[name] if t.get("shots") is None else t["shots"] for name, t in tasks.items()}
-
-
-def run_evaluation(model, tokenizer, spec: dict[str, Any], data_dir: str | None,
+def run_evaluation(model, tokenizer, evaluation: dict[str, Any], data_dir: str | None,
                    c4_blocks: torch.Tensor | None = None) -> dict[str, float]:
-    """The experiment's evaluation: tasks grouped by their limit (lm-eval runs once per group), then the C4 loss."""
+    """A cell's evaluation (its ``eval`` section) as row columns: the core's ``evaluate``, flattened."""
+    from ray_prune.core.evaluation.config import EvalConfig
     from ray_prune.core.evaluation.harness import evaluate
-    from ray_prune.core.loss import c4_loss
 
-    groups: dict[Any, dict[str, int]] = {}
-    for name, shots in task_shots(spec["tasks"]).items():
-        groups.setdefault(spec["tasks"][name].get("limit"), {})[name] = shots
-    scores: dict[str, float] = {}
-    for limit, tasks in groups.items():
-        scores.update(evaluate(model, tokenizer, tasks=tasks, limit=limit, data_dir=data_dir, c4_sequences=0,
-                               batch_size=spec["batch_size"], progress=False))
-    if spec["c4_sequences"]:
-        c4 = c4_loss(model, tokenizer, num_sequences=spec["c4_sequences"], seq_len=spec["seq_len"],
-                     batch_size=spec["batch_size"], data_dir=data_dir, blocks=c4_blocks)
-        scores.update({f"c4/{k}": v for k, v in c4.items()})
+    scores = evaluate(model, tokenizer, EvalConfig.from_dict(evaluation), data_dir=data_dir, progress=False,
+                      c4_blocks=c4_blocks)
     return flatten_metrics(scores)
 
 

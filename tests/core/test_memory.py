@@ -9,6 +9,8 @@ import torch
 
 from helpers import FAMILIES, tiny_config
 from ray_prune.core import memory as M
+from ray_prune.core.calibration import CalibrationConfig
+from ray_prune.core.evaluation.config import EvalConfig, TaskSettings
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.model_configs import load_config, shipped_models
 from ray_prune.errors import UserError
@@ -250,20 +252,25 @@ def test_scored_as_trained_evaluates_the_nf4_model():
     assert profile.precision == "bf16+nf4"  # the table in full precision, then the baseline scored in NF4
 
 
+def _tasks(**shots: int) -> EvalConfig:
+    return EvalConfig(tasks={name: TaskSettings(shots=k) for name, k in shots.items()})
+
+
 def test_eval_context_is_the_longest_prompt_capped_at_max_length():
     llama = M.Arch.from_config(load_config(LLAMA_7B).config)
     mistral = M.Arch.from_config(load_config("mistralai/Mistral-7B-v0.1").config)
-    w = M.Workload(tasks=(("mmlu", 5), ("boolq", 0)))
+    w = M.Workload(evaluation=_tasks(mmlu=5, boolq=0))
     assert w.eval_context(llama) == 4096  # MMLU 5-shot's longest prompt exceeds Llama-2's 4096 positions
     assert 4096 < w.eval_context(mistral) < 6000
-    assert M.Workload(tasks=(("boolq", 0),)).eval_context(llama) < 2000
-    assert M.Workload(tasks=(("boolq", 3),)).eval_context(llama) == 4096  # unmeasured shots: the cap
+    assert M.Workload(evaluation=_tasks(boolq=0)).eval_context(llama) < 2000
+    assert M.Workload(evaluation=_tasks(boolq=3)).eval_context(llama) == 4096  # unmeasured shots: the cap
 
 
 def test_block_influence_profiling_keeps_every_token_stream():
     config = load_config(LLAMA_70B).config
-    angular = M.estimate(config, M.Workload(metric="angular", tasks=(), c4_sequences=0), "profile")
-    block = M.estimate(config, M.Workload(metric="block_influence", tasks=(), c4_sequences=0), "profile")
+    angular = M.estimate(config, M.Workload(calibration=CalibrationConfig(metric="angular"), evaluation=EvalConfig(tasks={}, c4_sequences=0)), "profile")
+    block = M.estimate(config, M.Workload(calibration=CalibrationConfig(metric="block_influence"),
+                                          evaluation=EvalConfig(tasks={}, c4_sequences=0)), "profile")
     assert block.peak_bytes - angular.peak_bytes > 40 * M.GIB  # 81 streams x 8192 tokens x 8192 x fp32, twice
 
 
@@ -314,14 +321,14 @@ def test_nothing_fits_a_tiny_gpu_and_the_fix_says_so():
 
 def test_eval_batch_fix_is_the_largest_batch_that_fits():
     config = load_config("google/gemma-2-9b").config
-    w = M.Workload(eval_batch=32)
+    w = M.Workload(evaluation=EvalConfig(batch_size=32))
     plan = M.choose(config, w, 80, 1, stages=("unhealed",))
     c = plan.choice("unhealed")
     assert not c.fits and "eval.batch_size:" in c.fix
     b = int(c.fix.split("eval.batch_size: ")[1].split()[0])
 
     def fits_somehow(batch):
-        return any(M.estimate(config, replace(w, eval_batch=batch), "unhealed", p, g).fits(80, M.HEADROOM)
+        return any(M.estimate(config, replace(w, evaluation=replace(w.evaluation, batch_size=batch)), "unhealed", p, g).fits(80, M.HEADROOM)
                    for p, g in M.options("unhealed", w, 1))
 
     assert 1 < b < 32 and fits_somehow(b) and not fits_somehow(b + 1)

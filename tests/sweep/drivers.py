@@ -104,9 +104,10 @@ def is_agent(p: psutil.Process) -> bool:
 
 def expected_rows(exp) -> set[tuple[str, str]]:
     """Every (cell_id, stage) a completed sweep of ``exp`` holds: healed (and unhealed) per cell, baseline per model."""
-    from ray_prune.sweep.grid import baseline_id, expand, model_num_layers
+    from ray_prune.sweep.grid import baseline_id, expand
+    from ray_prune.sweep.plan import read_model
 
-    cells = expand(exp, {m.name: model_num_layers(m) for m in exp.models})
+    cells = expand(exp, {m.name: read_model(m).num_layers for m in exp.models})
     want = {(c.cell_id, "healed") for c in cells} | {(baseline_id(exp, m.name), "baseline") for m in exp.models}
     if exp.eval.unhealed:
         want |= {(c.unhealed_id, "unhealed") for c in cells}

@@ -6,14 +6,26 @@ from dataclasses import replace
 
 from helpers import REPO
 from ray_prune.sweep.experiment import load_experiment
-from ray_prune.sweep.grid import expand, model_num_layers
+from ray_prune.sweep.grid import expand
 from ray_prune.sweep.order import longest_first, trial_cost
+from ray_prune.sweep.plan import read_model
 from ray_prune.sweep.trial import TrialSpec
+
+
+MODELS = None
+
+
+def _models() -> dict:
+    global MODELS
+    if MODELS is None:
+        exp = load_experiment(str(REPO / "experiments" / "study.yaml"))
+        MODELS = {m.name: read_model(m) for m in exp.models}
+    return MODELS
 
 
 def _study_specs() -> list[TrialSpec]:
     exp = load_experiment(str(REPO / "experiments" / "study.yaml"))
-    cells = expand(exp, {m.name: model_num_layers(m) for m in exp.models})
+    cells = expand(exp, {name: m.num_layers for name, m in _models().items()})
     return [TrialSpec(cell=c, storage_uri="unused", data_dir=None, threads=1, baseline_loss=None,
                       reference_loss=None, do_unhealed=c.owns_unhealed) for c in cells]
 
@@ -22,7 +34,7 @@ def test_larger_model_and_fewer_removed_layers_start_first():
     specs = _study_specs()
     models = [s.cell.model for s in specs]
     assert models.index("gemma3-270m") > models.index("smollm2-135m")  # the grid lists SmolLM2 first
-    ordered = longest_first(specs)
+    ordered = longest_first(specs, _models())
     names = [s.cell.model for s in ordered]
     # Gemma-3-270M costs about twice SmolLM2-135M per token (its 262k-token LM head): all its cells go first.
     assert names == ["gemma3-270m"] * names.count("gemma3-270m") + ["smollm2-135m"] * names.count("smollm2-135m")
@@ -34,9 +46,9 @@ def test_larger_model_and_fewer_removed_layers_start_first():
 
 def test_ties_keep_the_grid_order_and_costs_grow_with_work():
     specs = _study_specs()
-    ordered = longest_first(specs)
+    ordered = longest_first(specs, _models())
     for a, b in zip(ordered, ordered[1:]):
-        if trial_cost(a.cell, a.do_unhealed) == trial_cost(b.cell, b.do_unhealed):
+        if trial_cost(a.cell, a.do_unhealed, _models()[a.cell.model]) == trial_cost(b.cell, b.do_unhealed, _models()[b.cell.model]):
             assert specs.index(a) < specs.index(b)
     cell = specs[0].cell
     longer = replace(cell, heal={**cell.heal, "steps": cell.heal["steps"] * 10})

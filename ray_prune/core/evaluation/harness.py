@@ -54,6 +54,7 @@ import random
 from typing import Iterator, Mapping, Sequence
 
 from ray_prune.core.data import data_dir as resolve_data_dir
+from ray_prune.core.evaluation.config import DEFAULT, EvalConfig
 from ray_prune.core.evaluation.overlay import load_tasks, local_subtask_sizes
 from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, resolve_tasks
 from ray_prune.errors import UserError
@@ -194,8 +195,8 @@ def evaluate_tasks(
     tasks: Sequence[str] | Mapping[str, int] = DEFAULT_TASKS,
     limit: int | None = None,
     data_dir=None,
-    batch_size: int = 8,
-    seed: int = 1234,
+    batch_size: int = DEFAULT.batch_size,
+    seed: int = DEFAULT.seed,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on an in-memory model.
@@ -241,28 +242,34 @@ def evaluate_tasks(
 def evaluate(
     model,
     tokenizer,
-    tasks: Sequence[str] | Mapping[str, int] = DEFAULT_TASKS,
-    limit: int | None = None,
+    config: EvalConfig | None = None,
+    *,
     data_dir=None,
-    c4_sequences: int = 64,
-    seq_len: int = 1024,
-    batch_size: int = 8,
-    seed: int = 1234,
     progress: bool = True,
+    c4_blocks=None,
+    **settings,
 ) -> dict[str, float]:
     """Tasks and C4 loss in one flat dict: ``{"mmlu/acc": .., "boolq/acc": .., "c4/loss_norm": ..}``.
 
-    ``tasks`` empty skips lm-eval; ``c4_sequences=0`` skips the C4 loss.
+    ``config`` is an :class:`EvalConfig` (its defaults: the paper's MMLU 5-shot, BoolQ 0-shot and the C4 loss);
+    without one, keyword ``settings`` are its fields (``evaluate(model, tok, tasks=["boolq"], limit=20)``). Tasks
+    run in one lm-eval call per limit (``EvalConfig.groups``); no task skips lm-eval, ``c4_sequences=0`` the C4
+    loss. ``c4_blocks``: the C4 loss's blocks packed already (a sweep packs them once for every trial).
     """
+    if config is None:
+        config = EvalConfig.from_dict(settings)
+    elif settings:
+        raise TypeError(f"pass either an EvalConfig or its settings, not both ({', '.join(settings)})")
+    config.validate()
     flat: dict[str, float] = {}
-    if tasks:
+    for limit, tasks in config.groups().items():
         for name, row in evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir,
-                                        batch_size=batch_size, seed=seed, progress=progress).items():
+                                        batch_size=config.batch_size, seed=config.seed, progress=progress).items():
             flat.update({f"{name}/{k}": v for k, v in row.items()})
-    if c4_sequences:
+    if config.c4_sequences:
         from ray_prune.core.loss import c4_loss
 
-        c4 = c4_loss(model, tokenizer, num_sequences=c4_sequences, seq_len=seq_len,
-                     batch_size=batch_size, data_dir=data_dir)
+        c4 = c4_loss(model, tokenizer, num_sequences=config.c4_sequences, seq_len=config.seq_len,
+                     batch_size=config.batch_size, data_dir=data_dir, blocks=c4_blocks)
         flat.update({f"c4/{k}": v for k, v in c4.items()})
     return flat

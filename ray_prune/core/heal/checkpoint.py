@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ray_prune.core.atomic import atomic_path, stale_temporaries, write_bytes, write_text
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.errors import UserError
 
@@ -25,7 +25,6 @@ ADAPTER_RECORD = "ray_prune.json"  # next to an adapter: the model it was traine
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_JSON = "trainer_state.json"
 STATE_PT = "training_state.pt"
-TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,7 +55,7 @@ def write_adapter_record(directory: Path, base_model: str, removed_layers: list[
     record = {"base_model": base_model, "removed_layers": list(removed_layers),
               "original_num_layers": original_num_layers, "quantize": quantize, "dtype": dtype,
               "eval_precision": eval_precision, **extra}
-    (directory / ADAPTER_RECORD).write_text(json.dumps(record, indent=1))
+    write_text(directory / ADAPTER_RECORD, json.dumps(record, indent=1))
 
 
 def read_adapter_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -66,30 +65,18 @@ def read_adapter_record(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_checkpoint(root: Path, peft_model, optimizer, scheduler, step: int, state: dict[str, Any]) -> Path:
-    """Write ``root/checkpoint-NNNNNN`` to a temp dir, rename it into place, then drop older checkpoints."""
+    """Write ``root/checkpoint-NNNNNN`` atomically (``core.atomic``), copy its adapter to ``root``, then drop older
+    checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=root))
-    try:
+    with atomic_path(final, directory=True) as tmp:
         save_adapter_files(peft_model, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
         for name in os.listdir(tmp):  # the newest adapter at the top level, file by file
             if name.startswith("adapter_"):
-                shutil.copy2(tmp / name, root / f".{name}.tmp")
-                os.replace(root / f".{name}.tmp", root / name)
-        tmp.chmod(0o755)
-        if final.exists():  # re-running a step after a resume: swap the old one out first
-            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=root))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                write_bytes(root / name, (tmp / name).read_bytes())
     for other in root.glob(f"{CHECKPOINT_PREFIX}*"):
         if other.is_dir() and other != final:
             shutil.rmtree(other, ignore_errors=True)
@@ -98,9 +85,11 @@ def save_checkpoint(root: Path, peft_model, optimizer, scheduler, step: int, sta
 
 def remove_stale(root: Path) -> None:
     """Leftovers of a process killed mid-save."""
-    if root.is_dir():
-        for stale in root.glob(f"{TMP_PREFIX}*"):
+    for stale in stale_temporaries(root):
+        if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path | None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ray_prune.core.select import optimal_starts
-from ray_prune.report.style import _new_axes, _style, short_name
+from ray_prune.report.style import new_axes, style_context, short_name
 
 STAR_LABEL = "l*(n) = argmin$_l$ d (similarity)"
 DEEPEST_LABEL = "deepest: l = L−1−n"
@@ -61,8 +61,8 @@ def plot_distance(table, ax=None, title: str | None = None):
 
     L = int(table.num_layers)
     grid = _block_grid(table)
-    with _style():
-        ax = _new_axes(ax, figsize=(7.2, 5.8))
+    with style_context():
+        ax = new_axes(ax, figsize=(7.2, 5.8))
         cmap = mpl.colormaps["viridis"].with_extremes(bad="#f2f2f2")
         im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap=cmap, aspect="auto", interpolation="nearest",
                        extent=(-0.5, L - 0.5, 0.5, L + 0.5), vmin=0.0, vmax=float(np.nanmax(grid)) if L else 1.0)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ray_prune.ledger.schema import AXIS_COLUMNS
-from ray_prune.report.frames import _fkey, _fraction, _order_strategies, _settings, _text, conformed
-from ray_prune.report.style import REFERENCE_COLOR, STYLE, _pct, _style, model_labels
+from ray_prune.report.frames import fraction_key, fractions_removed, order_strategies, heal_setting_keys, as_text, conformed
+from ray_prune.report.style import REFERENCE_COLOR, STYLE, percent, style_context, model_labels
 
 DASHES = ["-", "--", "-.", ":"]  # one per heal setting (seeds share it)
 SHORT = {"batch_size": "batch", "seq_len": "seq", "quantize": "quant"}  # heal_<name> -> legend name
@@ -35,16 +35,16 @@ def _setting_label(row: pd.Series, keys: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def _heal_layout(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]]:
+def heal_layout(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Healed/stopped rows that have a heal curve, their models (panel rows) and strategies (panel columns)."""
     df = conformed(df)
     sel = df[(df["stage"] == "healed") & df["status"].isin(["finished", "stopped"])]
     sel = sel[sel["curve_step"].map(lambda v: len(_list(v)) > 0).astype(bool)]  # bool: rows even when empty
-    sel = sel.assign(_f=_fraction(sel))
+    sel = sel.assign(_f=fractions_removed(sel))
     # colour key: the requested fraction, which is the same for every model (n/L differs with L)
-    requested = pd.to_numeric(sel["fraction"], errors="coerce").map(lambda v: _fkey(v) if pd.notna(v) else v)
+    requested = pd.to_numeric(sel["fraction"], errors="coerce").map(lambda v: fraction_key(v) if pd.notna(v) else v)
     sel = sel.assign(_c=requested.fillna(sel["_f"]))
-    return sel, sorted(set(sel["model"])), _order_strategies(sel["strategy"]) if len(sel) else ["similarity"]
+    return sel, sorted(set(sel["model"])), order_strategies(sel["strategy"]) if len(sel) else ["similarity"]
 
 
 def _fraction_colors(fractions: Sequence[float]) -> dict:
@@ -92,7 +92,7 @@ def _legend_handles(curves: pd.DataFrame, fcolor: Mapping, varying: Sequence[str
     handles = [Line2D([], [], linestyle="none", label="$\\bf{fraction\\ requested}$")]
     for f in fcolor:
         actual = sorted(set(curves.loc[curves["_c"] == f, "_f"].dropna()))
-        label = _pct(f) + ("" if actual == [f] else f"  (n/L: {', '.join(_pct(a) for a in actual)})")
+        label = percent(f) + ("" if actual == [f] else f"  (n/L: {', '.join(percent(a) for a in actual)})")
         handles.append(Line2D([], [], color=fcolor[f], linewidth=3, label=label))
     handles.append(Line2D([], [], linestyle="none", label="$\\bf{outcome}$"))
     handles.append(Line2D([], [], color="black", marker="o", markersize=5, label="finished"))
@@ -114,13 +114,13 @@ def plot_heal_curves(df: pd.DataFrame, fig=None, colors: Mapping[str, str] | Non
     early (status ``stopped``) are faint with an × at their last evaluation; finished ones
     end with a dot. Line style separates heal settings when there are several (seeds share it).
     Returns the Figure."""
-    curves, models, strategies = _heal_layout(df)
+    curves, models, strategies = heal_layout(df)
     labels = model_labels(models)
-    varying = [k for k in AXIS_COLUMNS if _text(curves[k]).nunique() > 1]
-    curves = curves.assign(_s=_settings(curves, varying) if varying else "")  # the line style's key
+    varying = [k for k in AXIS_COLUMNS if as_text(curves[k]).nunique() > 1]
+    curves = curves.assign(_s=heal_setting_keys(curves, varying) if varying else "")  # the line style's key
     settings = sorted(curves["_s"].unique()) if varying else [""]
     fcolor = _fraction_colors(sorted(set(curves["_c"].dropna())))
-    with _style():
+    with style_context():
         if fig is None:
             import matplotlib.pyplot as plt
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ray_prune.core.select import optimal_starts
-from ray_prune.report.style import _new_axes, _style, model_colors, model_labels
+from ray_prune.report.style import new_axes, style_context, model_colors, model_labels
 
 
 def _tables_dict(tables) -> dict[str, Any]:
@@ -46,8 +46,8 @@ def plot_lstar(tables, ax=None, normalize: bool = True, colors: Mapping[str, str
     models = sorted(tables)
     colors = dict(colors or model_colors(models))
     labels = model_labels(models)
-    with _style():
-        ax = _new_axes(ax, figsize=(8.0, 5.0))
+    with style_context():
+        ax = new_axes(ax, figsize=(8.0, 5.0))
         handles = []
         for model in models:
             t = tables[model]

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from ray_prune.core.evaluation.tasks import TASKS
-from ray_prune.report.frames import (_fkey, _order_strategies, conformed, expected_grid, metric_column, metric_label,
+from ray_prune.report.frames import (fraction_key, order_strategies, conformed, expected_grid, score_column, metric_label,
                                      metric_points, task_of)
-from ray_prune.report.style import (PALETTE, REFERENCE_COLOR, STYLE, _line, _marker, _new_axes, _style,
+from ray_prune.report.style import (PALETTE, REFERENCE_COLOR, STYLE, strategy_line, strategy_marker, new_axes, style_context,
                                     model_colors, model_labels)
 
 Grid = dict[tuple[str, str], list[float]]
@@ -28,7 +28,7 @@ def _style_legend(ax, models: Sequence[str], colors: Mapping[str, str], labels: 
         handles += [Line2D([], [], color=colors[m], linewidth=3, label=labels[m]) for m in models]
     if strategies:
         handles.append(Line2D([], [], linestyle="none", label="$\\bf{strategy}$"))
-        handles += [Line2D([], [], color="black", linestyle=_line(s), marker=_marker(s), label=s) for s in strategies]
+        handles += [Line2D([], [], color="black", linestyle=strategy_line(s), marker=strategy_marker(s), label=s) for s in strategies]
     handles.append(Line2D([], [], linestyle="none", label="$\\bf{stage}$"))
     handles.append(Line2D([], [], color="grey", marker="D", markeredgecolor="black", markeredgewidth=0.8,
                           linestyle="none", label="unpruned model (baseline)"))
@@ -54,7 +54,7 @@ def _line_values(points: pd.DataFrame, base: pd.DataFrame, model: str, strategy:
     every strategy shares, strategy ``none``), else the baseline."""
     sel = points[(points["model"] == model) & (points["strategy"].isin([strategy, "none"]))
                  & (points["stage"] == stage)]
-    by_f = {_fkey(f): (v, e) for f, v, e in zip(sel["fraction_removed"], sel["value"], sel["stderr"])}
+    by_f = {fraction_key(f): (v, e) for f, v, e in zip(sel["fraction_removed"], sel["value"], sel["stderr"])}
     ys = np.full(len(fractions) + 1, np.nan)
     es = np.full(len(fractions) + 1, np.nan)
     if 0.0 in by_f:
@@ -101,7 +101,7 @@ def _draw_lines(ax, points: pd.DataFrame, grid: Grid, colors: Mapping[str, str],
                 ys, es = ys * scale, es * scale
                 healed = stage == "healed"
                 # the baseline (index 0) starts every line but gets its own marker, drawn once below
-                ax.plot(xs, ys, color=color, linestyle=_line(strategy), marker=_marker(strategy),
+                ax.plot(xs, ys, color=color, linestyle=strategy_line(strategy), marker=strategy_marker(strategy),
                         markevery=list(range(1, len(xs))), alpha=1.0 if healed else 0.55,
                         linewidth=1.9 if healed else 1.2, markerfacecolor=color if healed else "white",
                         markeredgecolor=color, markeredgewidth=1.2, zorder=3 if healed else 2)
@@ -180,13 +180,13 @@ def plot_metric(df: pd.DataFrame, metric: str, ax=None, expected: pd.DataFrame |
     random-guess (and majority-answer) level. ``metric`` is a task (``"mmlu"``) or a column
     (``"arc_challenge_acc_norm"``). Returns the Axes."""
     df = conformed(df)
-    column = metric_column(df, metric)
+    column = score_column(df, metric)
     points, grid, models = _points_and_grid(df, column, expected)
     colors = dict(colors or model_colors(models))
     labels = model_labels(models)
-    strategies = _order_strategies(s for _, s in grid)
-    with _style():
-        ax = _new_axes(ax)
+    strategies = order_strategies(s for _, s in grid)
+    with style_context():
+        ax = new_axes(ax)
         missing = _draw_lines(ax, points, grid, colors, scale=100.0, models=models)
         extra = _reference_lines(ax, column)
         _style_legend(ax, models, colors, labels, strategies, _stages(points), extra, bool(missing))
@@ -197,7 +197,7 @@ def plot_metric(df: pd.DataFrame, metric: str, ax=None, expected: pd.DataFrame |
     return ax
 
 
-def _loss_layout(df: pd.DataFrame, expected: pd.DataFrame | None) -> tuple[list[str], int, int]:
+def loss_layout(df: pd.DataFrame, expected: pd.DataFrame | None) -> tuple[list[str], int, int]:
     models = _points_and_grid(df, "c4_loss_norm", expected)[2]
     ncols = max(1, min(3, len(models)))
     return models, max(1, math.ceil(len(models) / ncols)), ncols
@@ -213,10 +213,10 @@ def plot_loss(df: pd.DataFrame, axes=None, expected: pd.DataFrame | None = None,
 
     df = conformed(df)
     points, grid, _ = _points_and_grid(df, "c4_loss_norm", expected)
-    models, nrows, ncols = _loss_layout(df, expected)
+    models, nrows, ncols = loss_layout(df, expected)
     colors = dict(colors or model_colors(models))
     labels = model_labels(models)
-    with _style():
+    with style_context():
         if axes is None:
             if fig is None:
                 import matplotlib.pyplot as plt
@@ -241,7 +241,7 @@ def plot_loss(df: pd.DataFrame, axes=None, expected: pd.DataFrame | None = None,
                  Line2D([], [], color=REFERENCE_COLOR, linestyle=":", linewidth=1.4,
                         label="uniform over the vocabulary\n(loss = ln V)")]
         if models:
-            _style_legend(axes[len(models) - 1], [], colors, labels, _order_strategies(s for _, s in grid),
+            _style_legend(axes[len(models) - 1], [], colors, labels, order_strategies(s for _, s in grid),
                           _stages(points), extra, any(marks))
             _mark_missing(axes[: len(models)], marks)
         fig.suptitle("C4 validation loss / ln V vs fraction of layers dropped", x=0.01, ha="left",

@@ -23,22 +23,23 @@ def test_every_setting_has_a_default_and_a_reason():
 def test_schema_cli_and_columns_derive_from_the_dataclass():
     from ray_prune.cli import build_parser
     from ray_prune.ledger.schema import COLUMNS
-    from ray_prune.sweep.heal_schema import HealGrid
+    from ray_prune.sweep.sections import HealSection
 
     settings = {f.name for f in HealConfig.settings()}
-    assert settings == set(HealGrid.model_fields) - {"enabled"}
+    assert settings == set(HealSection.model_fields) - {"enabled"}
     assert {f"heal_{s}" for s in settings} <= set(COLUMNS)
     heal = build_parser()._subparsers._group_actions[0].choices["heal"]
     flags = {a.dest for a in heal._actions}
-    assert {f.name for f in dataclasses.fields(HealConfig)} <= flags
+    assert {f.name for f in dataclasses.fields(HealConfig)} - {"dtype"} <= flags and "dtype" in flags  # --dtype: common
 
 
 def test_cli_flags_build_the_config(tmp_path):
-    from ray_prune.cli import _heal_config, build_parser
+    from ray_prune.cli import build_parser
+    from ray_prune.cli.flags import settings_from_args
 
     args = build_parser().parse_args(["heal", "m", "--out", str(tmp_path), "--alpha", "16", "--grad-accum", "4",
                                       "--gradient-checkpointing", "--target", "gate_proj,up_proj", "--dtype", "fp32"])
-    config = _heal_config(args)
+    config = settings_from_args(HealConfig, args, dtype=args.dtype)
     assert (config.alpha, config.grad_accum, config.gradient_checkpointing) == (16.0, 4, True)
     assert config.target == ["gate_proj", "up_proj"] and config.dtype == "fp32" and config.steps == 5000
 
