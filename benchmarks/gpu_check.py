@@ -101,8 +101,7 @@ def check_model(name: str, args) -> None:
     from ray_prune.core.heal.config import HealConfig
     from ray_prune.core.heal.lora import merge_adapter
     from ray_prune.core.loss import c4_loss
-    from ray_prune.core.memory import estimate
-    from ray_prune.core.memory_terms import Workload
+    from ray_prune.core.memory import Workload, estimate
     from ray_prune.core.model_configs import load_config
     from ray_prune.core.select import n_from_fraction
 

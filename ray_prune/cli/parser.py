@@ -12,6 +12,7 @@ from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.select import STRATEGIES
+from ray_prune.sweep.experiment import MAX_CELLS
 
 MODEL_HELP = "hub id (org/name), a local directory written by save_pretrained, or a bundled name (smollm2-135m, " \
              "gemma3-270m)"
@@ -96,6 +97,8 @@ def _sweep_parser(sub) -> None:
                    help="validate the experiment and print the grid and the memory plan; run nothing")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="GPU memory for the memory plan (none: resources.gpu_memory_gb)")
+    p.add_argument("--max-cells", type=int, default=MAX_CELLS, metavar="N",
+                   help="refuse a grid of more cells than this (checked before anything is built)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

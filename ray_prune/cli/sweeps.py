@@ -6,13 +6,20 @@ from __future__ import annotations
 def cmd_sweep(args) -> int:
     from ray_prune.sweep.experiment import load_experiment
 
-    exp = load_experiment(args.experiment)
+    exp = load_experiment(args.experiment, args.max_cells)
     if args.check:
         return _check(exp, args)
     from ray_prune.report.status import summary_table
     from ray_prune.sweep.run import run_sweep
 
-    df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet)
+    from ray_prune.cli import exit_now
+    from ray_prune.sweep.interrupt import SweepInterrupted
+
+    try:
+        df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet,
+                       exit_on_interrupt=lambda e: exit_now(args.command, e))
+    except SweepInterrupted as e:  # stage 1 or between stages: the lock is released already; Ray goes with us
+        exit_now(args.command, e)
     print(summary_table(df))
     # Non-zero when a cell failed for good, so `ray job submit` and scripts see it; rerunning retries those cells.
     return 1 if (df["status"] == "failed").any() else 0
@@ -27,6 +34,8 @@ def _check(exp, args) -> int:
     where = p.storage.uri if p.storage is not None else (args.storage or exp.storage)
     print(f"{exp.name}: {len(p.cells)} cells ({len(p.pending)} to run) over "
           f"{', '.join(f'{m} (L={L})' for m, L in p.layers.items())} -> {where}")
+    for line in p.summary():
+        print(line)
     if p.storage_note:
         print(p.storage_note)
     if p.memory:

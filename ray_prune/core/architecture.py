@@ -1,47 +1,18 @@
-"""What ray-prune must know about each decoder family, declared as data.
+"""A model's decoder family, and its blocks, decoder and FFN modules found through it.
 
-Pruning, profiling and healing all need the same three facts about a model:
-where its list of decoder layers lives, which linear layers form its FFN (the
-paper's LoRA targets), and which config fields are per-layer lists or layer
-indices. Adding a family means adding one entry to ``FAMILIES``.
+The facts per family are data in ``core.families`` (torch-free, so the memory plan reads them too); this
+module applies them to built models. Adding a family means adding one entry to ``families.FAMILIES``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from ray_prune.core.families import FAMILIES, INDEX_THRESHOLD_FIELDS, Family
 from ray_prune.errors import UserError
 
-
-@dataclass(frozen=True)
-class Family:
-    """Facts about one ``config.model_type``."""
-
-    layers_path: str  # attribute path from the CausalLM to its nn.ModuleList of blocks
-    ffn_modules: tuple[str, ...]  # names of the FFN linears, the paper's LoRA targets
-    final_norm_path: str  # attribute path of the norm applied after the last block
-
-
-_LLAMA_LIKE = Family("model.layers", ("gate_proj", "up_proj", "down_proj"), "model.norm")
-
-FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    "phi3": Family("model.layers", ("gate_up_proj", "down_proj"), "model.norm"),
-    "phi": Family("model.layers", ("fc1", "fc2"), "model.final_layernorm"),
-    "gpt_neox": Family("gpt_neox.layers", ("dense_h_to_4h", "dense_4h_to_h"), "gpt_neox.final_layer_norm"),
-}
-
-# Config fields that hold a layer index threshold rather than a per-layer list;
-# pruning maps them to the number of kept layers below the old threshold.
-INDEX_THRESHOLD_FIELDS = ("max_window_layers",)
+__all__ = ["FAMILIES", "INDEX_THRESHOLD_FIELDS", "Family", "decoder", "decoder_layers", "family_of", "ffn_modules",
+           "num_layers", "set_decoder_layers"]
 
 
 def family_of(model_or_config: nn.Module | object) -> tuple[str, Family]:
@@ -52,7 +23,7 @@ def family_of(model_or_config: nn.Module | object) -> tuple[str, Family]:
         raise UserError(
             f"unsupported architecture {model_type!r}: ray-prune knows how to prune "
             f"{', '.join(sorted(FAMILIES))}",
-            "use a model of a supported family, or add its entry to ray_prune.architecture.FAMILIES",
+            "use a model of a supported family, or add its entry to ray_prune.core.families.FAMILIES",
         )
     return model_type, FAMILIES[model_type]
 

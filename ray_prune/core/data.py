@@ -57,6 +57,21 @@ class TextSource:
         """The same corpus streamed from elsewhere (a private mirror, a local folder of Parquet or JSON files)."""
         return TextSource(path, name, split, self.local_file, text_field)
 
+    def identity(self, root: Path | None) -> dict:
+        """What this corpus is, as files made from it are named: the local mirror's file (its size and content
+        hash, ``core.fingerprint``) where a data dir is set, else where it streams from."""
+        from ray_prune.core.fingerprint import file_identity
+
+        if root is not None:
+            return {"local_file": self.local_file, **file_identity(root / self.local_file)}
+        return {"hub": self.hub_path, "name": self.hub_name, "split": self.hub_split, "field": self.text_field}
+
+
+def roles_identity() -> dict[str, list[int]]:
+    """The definition of the C4 roles (which hash buckets each takes): part of every file's name that holds
+    documents of a role, so that redefining the roles never reuses blocks packed under the old ones."""
+    return {role: [buckets.start, buckets.stop] for role, buckets in _ROLE_BUCKETS.items()}
+
 
 class RowCount:
     """Rows a reader pulled from its source, by role (every row counts, whichever role it belongs to)."""

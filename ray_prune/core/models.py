@@ -10,7 +10,8 @@ that directory in seconds instead of dequantising again for 30-90 s.
 from __future__ import annotations
 
 import importlib.util
-import os
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -18,17 +19,11 @@ from filelock import FileLock
 
 from ray_prune.core import dtypes
 from ray_prune.core.atomic import atomic_path
-from ray_prune.core.bundled import BUNDLED
+from ray_prune.core.bundled import BUNDLED, cache_dir, converted_dir
 from ray_prune.core.model_configs import check_model_name, model_dir
 from ray_prune.errors import UserError
 
-CACHE_ENV = "RAY_PRUNE_CACHE"
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ray_prune").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+log = logging.getLogger(__name__)  # progress lines: a sweep forwards them to the driver, the CLI prints them
 
 
 def _package_dir(name: str) -> Path:
@@ -75,12 +70,15 @@ def default_device() -> torch.device:
 def resolve(model: str) -> str:
     """A bundled name becomes its cached safetensors dir (converting once); others pass through."""
     if model in BUNDLED:
-        target = cache_dir() / "models" / model
+        target = converted_dir(model)
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(target) + ".lock"):  # parallel trials convert once
                 if not (target / "config.json").is_file():
+                    log.info("%s: converting the bundled GGUF to safetensors, once (30-90 s)", model)
+                    t = time.perf_counter()
                     _convert_gguf(model, target)
+                    log.info("%s: converted in %.0f s -> %s", model, time.perf_counter() - t, target)
         return str(target)
     local = model_dir(model)
     if local is not None:

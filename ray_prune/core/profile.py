@@ -17,6 +17,7 @@ reduction and the pair distances here to profile a model one block at a time.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Sequence
@@ -30,6 +31,8 @@ from ray_prune.core.architecture import decoder, decoder_layers
 from ray_prune.core.data import texts_hash
 from ray_prune.core.distance import METRICS, DistanceTable, Metric
 from ray_prune.errors import UserError
+
+log = logging.getLogger(__name__)  # progress lines: a sweep forwards them to the driver, the CLI prints them
 
 
 def reduce_stream(h: torch.Tensor, select: torch.Tensor, metric: str) -> torch.Tensor:
@@ -189,8 +192,12 @@ def profile(
     try:
         from tqdm.auto import tqdm
 
-        for idx in tqdm(length_sorted_batches(texts, batch_size), desc="profile", disable=not progress,
-                        unit="batch"):
+        batches = length_sorted_batches(texts, batch_size)
+        log.info("%s: profiling %d documents in %d batches", model_id or "model", len(texts), len(batches))
+        every = max(1, len(batches) // 4)
+        for i, idx in enumerate(tqdm(batches, desc="profile", disable=not progress, unit="batch"), 1):
+            if i % every == 0 and i < len(batches):
+                log.info("%s: profile batch %d of %d", model_id or "model", i, len(batches))
             ids, mask = encode(tokenizer, texts, idx, max_length, device)
             capture.select = selector(mask, metric)
             capture.vectors = []

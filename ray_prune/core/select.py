@@ -5,6 +5,14 @@
 - ``deepest``: the paper's baseline, remove the n layers just before the final
   layer, which is kept: layers L-1-n .. L-2.
 - ``layers``: an explicit list, any order, non-contiguous allowed.
+- ``block_influence``: ShortGPT's rule (Men et al., 2024): remove the n layers of
+  lowest block influence BI_l = 1 - cos(x^l, x^{l+1}), averaged over every
+  non-padding token; not necessarily contiguous. Ties go to the shallowest layer.
+  BI_l is d(x^l, x^{l+1}) of a ``block_influence`` distance table, the diagonal
+  next to the main one, so the profile pass that gives the table gives BI too.
+- ``greedy``: SLEB's rule (Song et al., 2024): a prefix of a removal order,
+  each step removing the layer whose removal raises the calibration loss least
+  (``ray_prune.core.greedy`` computes the order once per model).
 
 A fraction f of L layers becomes n = floor(f * L + 0.5), i.e. round half up
 (Python's ``round`` rounds half to even, which would make 0.25 of 30 layers 8
@@ -15,13 +23,16 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
 
 from ray_prune.core.distance import DistanceTable
 from ray_prune.errors import UserError
 
-Strategy = Literal["similarity", "deepest", "layers"]
-STRATEGIES: tuple[str, ...] = ("similarity", "deepest", "layers")
+Strategy = Literal["similarity", "deepest", "layers", "block_influence", "greedy"]
+STRATEGIES: tuple[str, ...] = ("similarity", "deepest", "layers", "block_influence", "greedy")
 PLANNED_STRATEGIES: tuple[str, ...] = ("similarity", "deepest")  # what a sweep grid can name: "layers" needs a list
 
 
@@ -77,14 +88,52 @@ def optimal_starts(table: DistanceTable) -> list[tuple[int, int, float]]:
     return [(n, (l := best_start(table, n)), table.d(l, n)) for n in range(1, table.num_layers)]
 
 
+def block_influence(table: DistanceTable) -> np.ndarray:
+    """BI_l for l = 0..L-1, read from a ``block_influence`` table: d(x^l, x^{l+1}) is exactly ShortGPT's
+    1 - cos of a layer's input and output averaged over tokens, so no second pass is needed for it.
+
+    Another metric's table would rank layers by a different quantity (the mean of an arccos is not a function
+    of the mean cosine), hence the error rather than a silent conversion.
+    """
+    if table.metric != "block_influence":
+        raise UserError(f"block influence needs a block_influence distance table, got metric {table.metric!r}",
+                        "profile with metric block_influence (calibration.metric / --metric block_influence)")
+    L = table.num_layers
+    return np.array([table.distances[l, l + 1] for l in range(L)], dtype=np.float64)
+
+
+def lowest_influence(table: DistanceTable, n: int) -> list[int]:
+    """The n layers of lowest block influence, sorted; ties go to the shallowest layer."""
+    check_n(n, table.num_layers)
+    bi = block_influence(table)
+    return sorted(sorted(range(len(bi)), key=lambda l: (bi[l], l))[:n])
+
+
+def greedy_prefix(order: Sequence[int], n: int, num_layers: int) -> list[int]:
+    """The first n layers of a greedy removal order (original indices), sorted: one order gives every size."""
+    check_n(n, num_layers)
+    prefix = list(order)[:n]
+    chosen = check_layers(prefix, num_layers) if prefix else []
+    if len(chosen) != n:
+        raise UserError(f"the greedy order {list(order)} does not hold {n} distinct layers",
+                        "compute the order with max_remove >= n (ray_prune.core.greedy.greedy_order)")
+    return chosen
+
+
 def layers_to_remove(
     strategy: Strategy,
     num_layers: int,
     n: int | None = None,
     table: DistanceTable | None = None,
     layers: Sequence[int] | None = None,
+    order: Sequence[int] | None = None,
 ) -> list[int]:
-    """Sorted indices of the blocks to remove."""
+    """Sorted indices of the blocks to remove.
+
+    What each strategy reads: ``similarity`` a distance table of any metric, ``block_influence`` a table of
+    metric ``block_influence``, ``greedy`` a removal ``order`` (``core.greedy.greedy_order(...).order``),
+    ``layers`` the list ``layers``; ``deepest`` nothing but n.
+    """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
     if strategy == "layers":
@@ -98,10 +147,17 @@ def layers_to_remove(
         return []
     if strategy == "deepest":
         return list(range(num_layers - 1 - n, num_layers - 1))
+    if strategy == "greedy":
+        if order is None:
+            raise UserError("strategy 'greedy' needs a greedy removal order",
+                            "compute it with ray_prune.core.greedy.greedy_order on calibration blocks")
+        return greedy_prefix(order, n, num_layers)
     if table is None:
-        raise UserError("strategy 'similarity' needs a distance table", "run `ray-prune profile` first")
+        raise UserError(f"strategy {strategy!r} needs a distance table", "run `ray-prune profile` first")
     if table.num_layers != num_layers:
         raise UserError(f"the distance table is for {table.num_layers} layers, the model has {num_layers}",
                         "profile the same (unpruned) model you prune")
+    if strategy == "block_influence":
+        return lowest_influence(table, n)
     start = best_start(table, n)
     return list(range(start, start + n))

@@ -16,7 +16,7 @@ DONE = ("finished", "stopped")  # statuses that need no rerun: a stopped heal is
 def done_ids(storage: Storage) -> dict[tuple[str, str], str]:
     """(cell_id, stage) -> status, for every readable row on storage."""
     ledger: dict[tuple[str, str], str] = {}
-    tables, _ = read_rows(storage)
+    tables, _, _ = read_rows(storage)
     for t in tables:
         for r in t.select(["cell_id", "stage", "status"]).to_pylist():
             ledger[(r["cell_id"], r["stage"])] = r["status"]

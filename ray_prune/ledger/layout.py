@@ -4,12 +4,13 @@
 
     experiment.json                                the experiment that owns this root
     .sweep.lock                                    the running driver's lock (heartbeat)
-    tables/<model>.parquet                         distance tables, one per model
+    tables/<model>-<key>.parquet                   distance tables, named by all that made them (the key)
     results/model_slug=<model>/<cell_id>-<stage>.parquet
                                                    one result row each: a hive-partitioned Parquet dataset
     mergekit/model_slug=<model>/<cell_id>.yaml     each cell's pruning as a mergekit passthrough config
     adapters/model_slug=<model>/<cell_id>/         each healed cell's LoRA adapter (peft format + ray_prune.json)
-    blocks/<tokenizer>/<role>-<seq_len>x<n>.npy    packed token blocks, made once, shared by the trials
+    blocks/<role>-<seq_len>x<n>-<key>.npy (+ .json) packed token blocks, made once, shared by the trials; the
+                                                   JSON beside each says what it holds and its checksum
     tune/                                          Ray Tune's own trial state (logs, checkpoints)
     report/                                        ``ray-prune report`` output, for local roots
 
@@ -21,9 +22,9 @@ partition (``results/<model>/...``) still load, and the next sweep on their root
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
+
+from ray_prune.core.fingerprint import digest
 
 EXPERIMENT_RECORD = "experiment.json"
 LOCK = ".sweep.lock"
@@ -61,14 +62,16 @@ def adapter_path(model: str, cell_id: str) -> str:
     return f"{ADAPTERS}/{PARTITION}={slug(model)}/{cell_id}"
 
 
-def blocks_path(tokenizer_key: str, role: str, seq_len: int, count: int) -> str:
-    return f"{BLOCKS}/{tokenizer_key}/{role}-{seq_len}x{count}.npy"
+def blocks_path(key: str, role: str, seq_len: int, count: int) -> str:
+    """Packed blocks; ``key`` hashes everything that made them (tokenizer, corpus, the roles' definition...)."""
+    return f"{BLOCKS}/{role}-{seq_len}x{count}-{key}.npy"
 
 
-def table_path(model: str) -> str:
-    return f"{TABLES}/{slug(model)}.parquet"
+def table_path(model: str, key: str) -> str:
+    """A distance table; ``key`` hashes everything that made it (the weights, the calibration settings and text)."""
+    return f"{TABLES}/{slug(model)}-{key}.parquet"
 
 
 def stable_hash(obj: Any) -> str:
-    """A short content hash of JSON-able settings: the ids of cells and baselines."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short content hash of JSON-able settings: the ids of cells and baselines, the keys of stored files."""
+    return digest(obj)

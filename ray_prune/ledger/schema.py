@@ -7,6 +7,9 @@ DuckDB, Polars and Ray Data read directly. Columns come from their owners:
 
 - identity and model: declared here;
 - ``heal_<setting>``: one per field of :class:`~ray_prune.core.heal.config.HealConfig`'s heal section;
+- ``calibration_<setting>``: one per field of :class:`~ray_prune.core.calibration.CalibrationConfig`, set on
+  the rows whose layers were chosen from calibration data, with ``table_key``, the key of the stored table
+  that chose them (``ledger.tables``);
 - ``<task>_<metric>``, ``<task>_<metric>_stderr``, ``<task>_n``, ``<task>_shots``: one set per task of
   the registry (``core/evaluation/tasks.py``) and per metric its YAML lists;
 - ``c4_*``: what :func:`~ray_prune.core.loss.c4_loss` returns;
@@ -23,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.evaluation.tasks import TASKS
 from ray_prune.core.heal.config import HealConfig
 
@@ -71,7 +75,12 @@ def heal_column(name: str) -> str:
     return f"heal_{name}"
 
 
+def calibration_column(name: str) -> str:
+    return f"calibration_{name}"
+
+
 HEAL_COLUMNS: tuple[str, ...] = tuple(heal_column(f.name) for f in HealConfig.settings())
+CALIBRATION_COLUMNS: tuple[str, ...] = tuple(calibration_column(f.name) for f in CalibrationConfig.settings())
 AXIS_COLUMNS: tuple[str, ...] = tuple(heal_column(n) for n in HealConfig.names(axis=True))
 
 
@@ -84,6 +93,12 @@ def _heal_fields() -> list[tuple[str, pa.DataType]]:
     return [(heal_column(f.name), _arrow_type(hints[f.name])) for f in HealConfig.settings()]
 
 
+def _calibration_fields() -> list[tuple[str, pa.DataType]]:
+    hints = typing.get_type_hints(CalibrationConfig)
+    return [(calibration_column(f.name), _arrow_type(hints[f.name])) for f in CalibrationConfig.settings()] + [
+        ("table_key", pa.string())]
+
+
 def _metric_fields() -> list[tuple[str, pa.DataType]]:
     out: list[tuple[str, pa.DataType]] = []
     for name, spec in TASKS.items():
@@ -93,13 +108,20 @@ def _metric_fields() -> list[tuple[str, pa.DataType]]:
     return out + [(f"c4_{k}", t) for k, t in C4_FIELDS.items()]
 
 
-ROW_SCHEMA: pa.Schema = pa.schema(_IDENTITY + _heal_fields() + _PROGRESS + _metric_fields() + _COST)
+ROW_SCHEMA: pa.Schema = pa.schema(_IDENTITY + _heal_fields() + _calibration_fields() + _PROGRESS + _metric_fields()
+                                  + _COST)
 COLUMNS: tuple[str, ...] = tuple(ROW_SCHEMA.names)
 
 
 def flatten_metrics(scores: dict[str, Any]) -> dict[str, Any]:
     """``{"mmlu/acc": .5}`` -> ``{"mmlu_acc": .5}``: the column names of the schema."""
     return {k.replace("/", "_").replace(",", "_"): v for k, v in scores.items()}
+
+
+def calibration_values(settings: dict[str, Any], table_key: str | None) -> dict[str, Any]:
+    """The calibration settings that chose a row's layers, and the key of the table they made."""
+    return {**{calibration_column(f.name): settings.get(f.name) for f in CalibrationConfig.settings()},
+            "table_key": table_key}
 
 
 def heal_values(settings: dict[str, Any]) -> dict[str, Any]:

@@ -58,8 +58,21 @@ class Storage:
         return f"{self.root}/{relative}" if relative else self.root
 
     def check_writable(self) -> None:
-        probe = f".probe-{uuid.uuid4().hex}"
+        """Refuse, naming the root and the fix, a root that cannot be written; leave nothing behind either way. A
+        local root that does not exist yet is not created here: its nearest existing folder is probed instead
+        (the sweep's first write creates it), so ``--check`` and a refused run leave no empty folder."""
         try:
+            if self.local and not Path(self.root).exists():
+                parent = Path(self.root)
+                while not parent.exists() and parent != parent.parent:
+                    parent = parent.parent
+                if not parent.is_dir():
+                    raise NotADirectoryError(f"{parent} is not a folder")
+                probe = parent / f".probe-{uuid.uuid4().hex}"
+                probe.write_bytes(b"ok")
+                probe.unlink()
+                return
+            probe = f".probe-{uuid.uuid4().hex}"
             self.fs.create_dir(self.root, recursive=True)
             self.write_bytes(probe, b"ok")
             self.fs.delete_file(self.path(probe))
@@ -67,6 +80,23 @@ class Storage:
             fix = "choose a storage path you can write to (--storage), or fix its permissions/credentials"
             raise UserError(f"storage {self.uri} is not writable: {e}",
                             _s3_fix() if self.uri.startswith("s3://") else fix) from None
+
+    def mtime(self, relative: str) -> float:
+        """When the file was last written, in seconds, by the storage's own clock (FileNotFoundError if absent)."""
+        info = self.fs.get_file_info(self.path(relative))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(self.path(relative))
+        return info.mtime.timestamp()
+
+    def now(self) -> float:
+        """The storage's own clock: the modification time of a probe written now (then deleted). Ages of files
+        taken against it compare no host's clock with another's."""
+        probe = f".clock-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"")
+        try:
+            return self.mtime(probe)
+        finally:
+            self.delete(probe)
 
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound

@@ -96,8 +96,9 @@ def cell_status(df: pd.DataFrame, expected: pd.DataFrame | None, tables: Iterabl
 
 
 def load_tables(storage: Storage | str) -> dict[str, Any]:
-    """Every distance table under ``<storage>/tables/``, keyed by model id (``ledger.tables``)."""
-    return read_distance_tables(storage if isinstance(storage, Storage) else Storage(storage))
+    """Every distance table under ``<storage>/tables/`` that reads (``ledger.tables``), keyed by model id."""
+    tables = read_distance_tables(storage if isinstance(storage, Storage) else Storage(storage))
+    return {t.model_id: t for t in tables}
 
 
 def remote_code_models(record: Mapping[str, Any] | None, df: pd.DataFrame) -> list[str]:

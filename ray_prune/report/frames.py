@@ -8,14 +8,14 @@ column of :data:`~ray_prune.ledger.schema.ROW_SCHEMA` is present from then on.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
 from ray_prune.core.evaluation.tasks import TASKS
 from ray_prune.core.select import STRATEGIES
-from ray_prune.ledger.schema import AXIS_COLUMNS, conform_frame
+from ray_prune.ledger.schema import AXIS_COLUMNS, conform_frame, metric_column
 
 _ROUND = 10  # fractions are compared after rounding to this many decimals
 
@@ -58,8 +58,14 @@ def heal_setting_keys(df: pd.DataFrame, keys: Iterable[str] = AXIS_COLUMNS) -> p
     return df[list(keys)].map(str).agg("|".join, axis=1)
 
 
+_SCORES: dict[str, str] = {metric_column(name, m): name for name, spec in TASKS.items() for m in spec.metrics}
+
+
 def task_of(column: str) -> str:
-    """``mmlu_acc`` -> ``mmlu``, ``arc_challenge_acc_norm`` -> ``arc_challenge``."""
+    """``mmlu_acc`` -> ``mmlu``, ``arc_challenge_acc_norm`` -> ``arc_challenge``, ``gsm8k_exact_match_strict`` ->
+    ``gsm8k``: the registry's score columns by name, any other ``*_acc``/``*_acc_norm`` by its suffix."""
+    if column in _SCORES:
+        return _SCORES[column]
     for suffix in ("_acc_norm", "_acc"):
         if column.endswith(suffix):
             return column[: -len(suffix)]
@@ -67,22 +73,25 @@ def task_of(column: str) -> str:
 
 
 def score_column(df: pd.DataFrame, metric: str) -> str:
-    """The accuracy column of a task name (``mmlu`` -> ``mmlu_acc``; the task's main metric where it has
-    values), or ``metric`` itself; a KeyError where none of them has a value."""
+    """The score column of a task name (``mmlu`` -> ``mmlu_acc``, ``gsm8k`` -> ``gsm8k_exact_match_strict``: the
+    task's main metric where it has values, else its other metrics), or ``metric`` itself; a KeyError where none
+    of them has a value."""
     df = conformed(df)
     spec = TASKS.get(metric)
-    candidates = [metric] + ([f"{metric}_{spec.main_metric}"] if spec else []) + [f"{metric}_acc", f"{metric}_acc_norm"]
+    own = [metric_column(metric, m) for m in (spec.main_metric, *spec.metrics)] if spec else []
+    candidates = [metric] + own + [f"{metric}_acc", f"{metric}_acc_norm"]
     for c in candidates:
         if c in df.columns and has_values(df[c]):
             return c
-    with_values = [c for c in df.columns if c.endswith(("_acc", "_acc_norm")) and has_values(df[c])]
+    with_values = [c for c in df.columns if (c in _SCORES or c.endswith(("_acc", "_acc_norm"))) and has_values(df[c])]
     raise KeyError(f"no results for metric {metric!r} (metrics with results: {', '.join(with_values) or 'none'})")
 
 
 def available_metrics(df: pd.DataFrame) -> list[str]:
-    """The accuracy column of every QA task that has at least one value, in the task registry's order."""
+    """The score column of every task that has at least one value (QA accuracy, GSM8K's exact match), in the
+    task registry's order."""
     df = conformed(df)
-    tasks = {task_of(c) for c in df.columns if c.endswith("_acc") and has_values(df[c])}
+    tasks = {task_of(c) for c in df.columns if (c in _SCORES or c.endswith("_acc")) and has_values(df[c])}
     ordered = [t for t in TASKS if t in tasks] + sorted(tasks - set(TASKS))
     return [score_column(df, t) for t in ordered]
 
@@ -90,7 +99,12 @@ def available_metrics(df: pd.DataFrame) -> list[str]:
 def metric_label(column: str) -> str:
     task = task_of(column)
     name = TASKS[task].label if task in TASKS else task
-    kind = "accuracy, length-normalised" if column.endswith("_acc_norm") else "accuracy"
+    if column.endswith("_acc_norm"):
+        kind = "accuracy, length-normalised"
+    elif "exact_match" in column:
+        kind = "exact match" + (f" ({column.rsplit('_', 1)[-1]})" if column.endswith(("_strict", "_flexible")) else "")
+    else:
+        kind = "accuracy"
     return f"{name} {kind}"
 
 

@@ -76,7 +76,7 @@ def _codes(values: Sequence[str]) -> str:
     return ", ".join(f"<code>{html.escape(v)}</code>" for v in values)
 
 
-def _notices(has_record: bool, remote: Sequence[str], corrupt: Sequence[str]) -> str:
+def _notices(has_record: bool, remote: Sequence[str], corrupt: Sequence[str], foreign: Sequence[str] = ()) -> str:
     """What the reader should know before the tables: no experiment record, remote code, skipped files."""
     out = []
     if not has_record:
@@ -91,6 +91,30 @@ def _notices(has_record: bool, remote: Sequence[str], corrupt: Sequence[str]) ->
     if corrupt:
         out.append("<p class='warn'>Corrupt result files were skipped (their cells rerun on the next sweep): "
                    + _codes(corrupt) + "</p>")
+    if foreign:
+        out.append("<p class='warn'>Files under <code>results/</code> that are not result rows were skipped: "
+                   + _codes(foreign) + "</p>")
+    return "\n".join(out)
+
+
+def _evidence(sizes: Mapping[str, int], threshold: int) -> str:
+    """How many questions each task was scored on, and, where a task has too few to separate the curves, a banner
+    saying the run checks the pipeline rather than measures anything."""
+    if not sizes:
+        return ""
+    from ray_prune.core.evaluation.tasks import TASKS
+
+    cells = ", ".join(f"{html.escape(TASKS[t].label if t in TASKS else t)}: {n} question{'s' if n != 1 else ''}"
+                      for t, n in sizes.items())
+    out = [f"<p class='meta'>Evidence: {cells} per row (the fewest any finished row was scored on).</p>"]
+    small = [t for t, n in sizes.items() if n < threshold]
+    if small:
+        names = ", ".join(html.escape(TASKS[t].label if t in TASKS else t) for t in small)
+        what = ("This run checks the pipeline; it is not a measurement" if len(small) == len(sizes)
+                else f"{names} are too small to separate the curves")
+        out.append(f"<p class='warn'><b>{what}:</b> under {threshold} questions per task, an accuracy moves by "
+                   "whole tenths from noise alone, and differences between rows smaller than about twice their "
+                   "standard error mean nothing.</p>")
     return "\n".join(out)
 
 
@@ -103,14 +127,16 @@ def _figures(section: str, figures: Sequence[tuple[str, str, str]]) -> str:
 
 
 def render(*, title: str, uri: str, n_rows: int, has_record: bool, remote: Sequence[str], corrupt: Sequence[str],
+           foreign: Sequence[str],
            figures: Sequence[tuple[str, str, str]], status: pd.DataFrame, missing: pd.DataFrame,
-           safe: pd.DataFrame, cost: pd.DataFrame, labels: Mapping[str, str]) -> str:
+           safe: pd.DataFrame, cost: pd.DataFrame, labels: Mapping[str, str], sizes: Mapping[str, int] | None = None,
+           threshold: int = 100) -> str:
     """The whole page. ``figures``: (section, file name, caption HTML) in the order they are shown."""
     hours = {c: _fmt_hours for c in ("gpu_hours", "cpu_hours")}
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         title=html.escape(str(title)), uri=html.escape(uri), rows=n_rows,
         generated=html.escape(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        notices=_notices(has_record, remote, corrupt),
+        notices=_notices(has_record, remote, corrupt, foreign) + _evidence(sizes or {}, threshold),
         status_table=_html_table(status, labels=labels),
         missing_table=_html_table(missing.drop(columns=["seed"]), labels=labels),
         safe_table=_html_table(_safe_display(safe), labels=labels),

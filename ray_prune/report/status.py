@@ -40,12 +40,21 @@ def summary_table(df) -> str:
 MEASUREMENT_QUESTIONS = 100  # fewer questions per task than this: scores move by whole tenths from noise alone
 
 
+def task_sizes(df: pd.DataFrame) -> dict[str, int]:
+    """Questions each task was scored on: the fewest any finished row of the task used (``<task>_n``)."""
+    from ray_prune.core.evaluation.tasks import TASKS
+
+    ok = conformed(df)
+    ok = ok[ok["status"] == "finished"]
+    return {t: int(ok[f"{t}_n"].dropna().min()) for t in TASKS if f"{t}_n" in ok and ok[f"{t}_n"].notna().any()}
+
+
 def _size_note(ok: pd.DataFrame) -> str:
     """Says so when the evaluations are too small to measure anything (a smoke run), and, in a run that does
     measure, which tasks are small enough that only large differences between rows mean anything."""
     from ray_prune.core.evaluation.tasks import TASKS
 
-    sizes = {t: int(ok[f"{t}_n"].dropna().min()) for t in TASKS if f"{t}_n" in ok and ok[f"{t}_n"].notna().any()}
+    sizes = task_sizes(ok)
     if not sizes or min(sizes.values()) >= MEASUREMENT_QUESTIONS:
         return ""
     errors = [float(e) for t, spec in TASKS.items() for m in spec.metrics if f"{t}_{m}_stderr" in ok
@@ -84,4 +93,8 @@ def status_report(uri: str) -> str:
     if corrupt:
         lines.append(f"  {len(corrupt)} corrupt result file(s), skipped (their cells will be rerun):")
         lines.extend(f"    {p}" for p in corrupt)
+    foreign = df.attrs.get("foreign_files", [])
+    if foreign:
+        lines.append(f"  {len(foreign)} file(s) under results/ that are not result rows, skipped (move them out):")
+        lines.extend(f"    {p}" for p in foreign)
     return "\n".join(lines)

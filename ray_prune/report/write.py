@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from ray_prune.core.atomic import write_text
 from ray_prune.errors import UserError
 from ray_prune.ledger.layout import REPORT, slug
 from ray_prune.ledger.rows import load_results, read_experiment_record
@@ -22,6 +23,7 @@ from ray_prune.report.figures.lstar import plot_lstar
 from ray_prune.report.figures.scores import loss_layout, plot_loss, plot_metric
 from ray_prune.report.frames import available_metrics, has_values, metric_label
 from ray_prune.report.page import is_report, render
+from ray_prune.report.status import MEASUREMENT_QUESTIONS, task_sizes
 from ray_prune.report.style import DPI, style_context, model_colors, model_labels, short_name
 from ray_prune.report.tables import cost_table, safe_fractions
 
@@ -136,7 +138,7 @@ def write_report(storage: str, out: str | None = None) -> Path:
         raise UserError(f"the results are on {storage}; the report is written to a local folder", "pass --out DIR")
     store = Storage(storage)
     out_dir = Path(out if out is not None else str(store.local_path(REPORT))).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir)
     _clean_previous(out_dir)
     record = read_experiment_record(store)
     with warnings.catch_warnings():
@@ -158,11 +160,19 @@ def write_report(storage: str, out: str | None = None) -> Path:
         frame.to_csv(out_dir / name, index=False)
     doc = render(title=record["name"] if record else Path(store.root).name, uri=store.uri, n_rows=len(df),
                  has_record=record is not None, remote=remote_code_models(record, df),
-                 corrupt=list(df.attrs.get("corrupt_files", [])), figures=figs.files,
+                 corrupt=list(df.attrs.get("corrupt_files", [])), foreign=list(df.attrs.get("foreign_files", [])),
+                 figures=figs.files,
                  status=csvs["cell_status.csv"], missing=csvs["missing_cells.csv"],
-                 safe=csvs["safe_fractions.csv"], cost=csvs["cost.csv"], labels=labels)
-    index = out_dir / "index.html"
-    tmp = out_dir / ".index.html.tmp"
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(index)
-    return index
+                 safe=csvs["safe_fractions.csv"], cost=csvs["cost.csv"], labels=labels, sizes=task_sizes(df),
+                 threshold=MEASUREMENT_QUESTIONS)
+    return write_text(out_dir / "index.html", doc)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The report folder exists and takes files, or one line naming it and the fix (before any figure is drawn)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / ".write-probe", "").unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the report to {out_dir}: {e.strerror or e}",
+                        "pass --out DIR, a folder you can write") from None

@@ -28,6 +28,9 @@ from ray_prune.errors import UserError
 from ray_prune.sweep.sections import CalibrationSection, EvalSection, HealSection, check_model_heal
 
 Strict = ConfigDict(extra="forbid", frozen=True)
+MAX_FILE_BYTES = 1 << 20  # the largest shipped experiment is under 2 KB; a megabyte is a grid no one typed
+MAX_VALUES = 100_000  # values in a parsed file, counted through YAML aliases, which share what they repeat
+MAX_CELLS = 10_000  # cells a sweep may have unless --max-cells raises it; checked before any cell is built
 
 
 class _Strict(BaseModel):
@@ -80,9 +83,15 @@ class FractionRange(_Strict):
     stop: float
     step: float = Field(gt=0)
 
+    def count(self) -> int:
+        """How many values the range holds, computed without listing them."""
+        return max(0, math.floor((self.stop - self.start) / self.step + 1e-9) + 1)
+
     def values(self) -> list[float]:
-        count = math.floor((self.stop - self.start) / self.step + 1e-9) + 1
-        return [round(self.start + i * self.step, 10) for i in range(count)]
+        if self.count() > MAX_CELLS:
+            raise ValueError(f"the fraction range holds {self.count():,} values; a layer count of L gives at most L "
+                             "distinct cells: use a larger step")
+        return [round(self.start + i * self.step, 10) for i in range(self.count())]
 
 
 class Experiment(_Strict):
@@ -168,22 +177,83 @@ def _format(err: ValidationError, source: str) -> str:
     return f"{source} is not a valid experiment:\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
-def parse_experiment(data: dict[str, Any], source: str = "experiment") -> Experiment:
+def _count_values(data: Any, limit: int) -> int:
+    """Values in ``data`` (mappings, lists and scalars), counting every use of a shared (aliased) node; stops
+    counting past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return count
+
+
+def parse_experiment(data: dict[str, Any], source: str = "experiment", max_cells: int = MAX_CELLS) -> Experiment:
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a YAML mapping, got {type(data).__name__}",
                         "see experiments/smoke.yaml for the layout")
+    if _count_values(data, MAX_VALUES) > MAX_VALUES:
+        raise UserError(f"{source} holds more than {MAX_VALUES:,} values (YAML aliases counted at every use)",
+                        "write the grid with ranges (fractions: {start, stop, step}) and fewer axis values")
+    grid_size(data, source, max_cells)  # list-valued axes multiply: refuse a grid too large before anything expands it
     try:
         return Experiment(**data)
     except ValidationError as e:
         raise UserError(_format(e, source), "fix the keys above; see experiments/smoke.yaml for a valid file") from None
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def grid_size(data: dict[str, Any], source: str = "experiment", max_cells: int = MAX_CELLS) -> int:
+    """An upper bound on the cells of a raw experiment (models x fractions x strategies x heal points x seeds), from
+    the lengths of its lists alone; a UserError naming the count, the axes and the fix above ``max_cells``."""
+    from ray_prune.sweep.sections import HEAL_AXES
+
+    def length(v: Any) -> int:
+        return len(v) if isinstance(v, (list, tuple)) else 1
+
+    fractions = data.get("fractions")
+    if isinstance(fractions, dict):
+        try:
+            n_fractions = FractionRange(**fractions).count()
+        except (TypeError, ValueError, ValidationError):
+            n_fractions = 1  # the schema reports what is wrong with it
+    else:
+        n_fractions = length(fractions)
+    heal = data.get("heal") if isinstance(data.get("heal"), dict) else {}
+    models = data.get("models") if isinstance(data.get("models"), list) else []
+    strategies = length(data["strategies"]) if "strategies" in data else len(PLANNED_STRATEGIES)
+    axes = {"fractions": n_fractions, "strategies": strategies, "seeds": length(data.get("seeds"))}
+    total = 0
+    for m in models or [None]:
+        own = m.get("heal", {}) if isinstance(m, dict) and isinstance(m.get("heal"), dict) else {}
+        points = 1
+        for key in HEAL_AXES:
+            n = length(own.get(key, heal.get(key)))
+            points *= n
+            if n > 1:
+                axes[f"heal.{key}"] = max(axes.get(f"heal.{key}", 1), n)
+        total += n_fractions * axes["strategies"] * points * axes["seeds"]
+    if total > max_cells:
+        multiplied = " x ".join(f"{k} {v}" for k, v in axes.items() if v > 1)
+        raise UserError(f"{source} makes up to {total:,} cells ({len(models)} model(s) x {multiplied}), more than "
+                        f"the limit of {max_cells:,}",
+                        "shrink the axes that multiply, or raise the limit with ray-prune sweep --max-cells N if "
+                        "you mean it")
+    return total
+
+
+def load_experiment(path: str | Path, max_cells: int = MAX_CELLS) -> Experiment:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"experiment file {path} does not exist", "pass the path of a YAML file in experiments/")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise UserError(f"experiment file {path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} an experiment "
+                        "may have", "write the grid with ranges (fractions: {start, stop, step}) instead of long lists")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid YAML: {e}".splitlines()[0], "fix the YAML syntax") from None
-    return parse_experiment(data, str(path))
+    return parse_experiment(data, str(path), max_cells)

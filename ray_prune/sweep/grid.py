@@ -44,6 +44,7 @@ class Cell:
     owns_unhealed: bool = False  # one cell per pruned model evaluates it unhealed
     scored_as: str = "none"  # "nf4": every row of the cell is scored on an NF4 base, as it heals (see scored_as())
     removed_layers: list[int] = field(default_factory=list)  # filled in once the model is profiled
+    table_key: str | None = None  # the stored distance table that chose removed_layers (ledger.tables), if one did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +97,23 @@ def _n_of(fraction: float, spec: ModelSpec, L: int) -> int:
                         f"which leaves no layer", "use fractions below 1 - 0.5/L") from None
     check_n(n, L)
     return n
+
+
+def merged_fractions(exp: Experiment, num_layers: dict[str, int]) -> list[str]:
+    """One line per fraction that rounds to the same n as a smaller fraction of the grid, so runs no cell of its
+    own: what was asked and what runs differ there, and the user is told before anything loads."""
+    lines = []
+    for spec in exp.models:
+        L = num_layers[spec.name]
+        first: dict[int, float] = {}
+        for fraction in exp.fraction_values():
+            n = _n_of(fraction, spec, L)
+            if n in first:
+                lines.append(f"{spec.name}: fraction {fraction:g} removes n={n} of {L} layers, as fraction "
+                             f"{first[n]:g} does: one cell for both")
+            else:
+                first[n] = fraction
+    return lines
 
 
 def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:

@@ -6,13 +6,17 @@ signal arrives in:
 
 - planning, between stages: the sweep raises :class:`SweepInterrupted` at once; profiling (stage 1): within
   half a second, once Ray's wait returns (raising inside it would surface as a SystemError);
-- the Tune grid (stage 2): Tune is asked to stop (through the SIGUSR1 handler it installs for exactly
-  this), its loop ends after the current step, its trials are stopped, and the grid comes back; then
-  only cells that failed before the signal get a ``failed`` row and only ASHA's stops a ``stopped`` row;
+- the Tune grid (stage 2), from the CLI: the sweep stops at once (``stop_now``): the cells that failed before
+  the signal get their ``failed`` row and those ASHA stopped their ``stopped`` row, the lock is released, and
+  the process exits, taking its trials with it. Every row is written atomically, so nothing a slow stop would
+  keep is lost, and Ray's ``ray job stop`` grace period (3 s by default) is enough. From Python (a notebook,
+  where exiting is not an option) Tune is asked to stop instead, through the SIGUSR1 handler it installs for
+  exactly this, and the grid comes back after the current step;
 - while rows are written: the signal waits until the rows are on storage.
 
 A second signal stops at once. The lock is released on the way out either way, and the CLI prints one
-line and exits 130 (SIGINT) or 143 (SIGTERM).
+line and exits 130 (SIGINT) or 143 (SIGTERM). A driver whose lock another driver took over is stopped the
+same way (``lose_lock``), and says so.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -47,6 +51,7 @@ class Interrupts:
         self.signum: int | None = None
         self.at: float | None = None  # time.monotonic() of the first signal
         self.phase = "run"
+        self.stop_now: Callable[[int], None] | None = None  # the fast stop of stage 2, where the caller gave one
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "Interrupts":
@@ -73,10 +78,18 @@ class Interrupts:
             return  # raised by check() once Ray's wait returns (a second signal too: it comes within 0.5 s)
         if first and self.phase == "writing":
             return  # raised by check() once the rows are written
+        if first and self.phase == "tune" and self.stop_now is not None:
+            self.stop_now(signum)
         if first and self.phase == "tune" and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
             signal.raise_signal(signal.SIGUSR1)  # Tune's own "stop the run" handler
             return
         raise SweepInterrupted(self.signum)
+
+    def lose_lock(self, holder: dict) -> None:
+        """Called from the lock's heartbeat thread when another driver took the lock: stop as on SIGTERM."""
+        import _thread
+
+        _thread.interrupt_main(signal.SIGTERM)
 
     @contextlib.contextmanager
     def during(self, phase: str) -> Iterator[None]:

@@ -23,33 +23,24 @@ def _row_status(store: Storage, rel: str) -> str | None:
         return None  # missing or unreadable: written anew
 
 
-def _curve(result) -> list[tuple]:
-    history = result.metrics_dataframe
-    if history is None or "heal_step" not in history:
-        return []
-    return [(h["heal_step"], h.get("heal_val_loss"), h.get("heal_train_loss"))
-            for _, h in history.dropna(subset=["heal_step"]).iterrows()]
-
-
-def record_outcomes(grid, store: Storage, view, stopped_by_scheduler: set[str], interrupts) -> int:
-    """Rows for cells that ended without their healed row: failed for good before any interrupt, or stopped
-    by ASHA. Returns the number of cells with a finished or stopped healed row."""
+def record_outcomes(store: Storage, view, stopped_by_scheduler: set[str], interrupted_at: float | None) -> int:
+    """Rows for the cells whose trial ended without writing its healed row, from what the live view saw: failed
+    for good before any interrupt (``interrupted_at``, monotonic), or stopped by ASHA. Returns the number of cells
+    with a finished or stopped healed row. The same whether the grid ran out or a signal cut it short, so a fast
+    stop loses nothing a slow one would keep."""
     done = 0
-    for result in grid:
-        if result.config is None:  # never started: an interrupt came first
-            continue
-        cell = result.config["run"].cell
-        metrics = result.metrics or {}
+    for cell_id, (cell, last, error) in list(view.ended.items()):
         if _row_status(store, row_path(cell.model, cell.cell_id, "healed")) == "finished":
             done += 1
             continue  # the trial wrote its own row; a failed row of an earlier run is replaced below
-        if result.error is not None and interrupts.before(view.failed_at.get(cell.cell_id)):
-            row = failure_row(cell, "failed", result.error, metrics)
-        elif cell.cell_id in stopped_by_scheduler and not metrics.get("completed"):
-            row = failure_row(cell, "stopped", None, metrics)
+        failed_at = view.failed_at.get(cell_id)
+        if error is not None and (interrupted_at is None or (failed_at is not None and failed_at < interrupted_at)):
+            row = failure_row(cell, "failed", error, last)
+        elif cell_id in stopped_by_scheduler and not last.get("completed"):
+            row = failure_row(cell, "stopped", None, last)
             done += 1
         else:
             continue  # cut off by an interrupt: no row, so the next run runs it
-        write_row(store, {**row, **curve_columns(_curve(result)),
-                          "attempts": 1 + view.retries.get(cell.cell_id, 0)})
+        write_row(store, {**row, **curve_columns(view.curves.get(cell_id, [])),
+                          "attempts": 1 + view.retries.get(cell_id, 0)})
     return done

@@ -15,10 +15,10 @@ from typing import Any
 
 from ray_prune.errors import UserError
 from ray_prune.ledger.done import DONE, done_ids
-from ray_prune.ledger.rows import read_experiment_record
+from ray_prune.ledger.rows import read_experiment_record, read_rows
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
-from ray_prune.sweep.grid import Cell, expand
+from ray_prune.sweep.grid import Cell, expand, merged_fractions
 
 DEFAULT_STORAGE_ROOT = "results"  # an experiment without storage writes to results/<name>
 
@@ -31,6 +31,7 @@ class ModelRecord:
     config: Any  # transformers.PretrainedConfig
     num_layers: int
     source: str  # bundled, local, hub or shipped (model_configs.LoadedConfig.source)
+    identity: dict  # what its weights are (core.fingerprint.model_identity): part of every stored file's name
     note: str = ""  # why a fallback config was used, if one was
 
     @property
@@ -49,11 +50,34 @@ def read_model(spec: ModelSpec) -> ModelRecord:
     """The model's config (shipped configs where the hub is out of reach), its family checked, its layers counted.
     A local directory must hold a config and safetensors, never only pickles."""
     from ray_prune.core.architecture import family_of
+    from ray_prune.core.fingerprint import check_weights, model_identity
     from ray_prune.core.model_configs import load_config
 
     loaded = load_config(spec.name, spec.trust_remote_code)
     family_of(loaded.config)
-    return ModelRecord(spec, loaded.config, int(loaded.config.num_hidden_layers), loaded.source, loaded.note)
+    if loaded.source == "local":
+        check_weights(loaded.location)  # a truncated safetensors file fails here, from its header alone
+    elif loaded.source == "bundled":
+        from ray_prune.core.bundled import converted_dir
+
+        if converted_dir(spec.name).is_dir():
+            check_weights(converted_dir(spec.name), f"delete {converted_dir(spec.name)}: it is converted again")
+    return ModelRecord(spec, loaded.config, int(loaded.config.num_hidden_layers), loaded.source,
+                       model_identity(spec.name), loaded.note)
+
+
+def table_key(exp: Experiment, record: ModelRecord, root) -> str:
+    """The key a model's distance table is stored under: a hash of everything that makes the table (the weights,
+    the calibration settings, the calibration text and the roles that pick it, the dtype), so that changing any
+    of them makes a new table instead of reusing a stale one."""
+    from ray_prune.core.calibration import CalibrationConfig
+    from ray_prune.core.data import roles_identity
+    from ray_prune.ledger.layout import stable_hash
+
+    cal = exp.calibration.config()
+    return stable_hash({"model": record.identity, "calibration": CalibrationConfig.identity_of(cal.to_dict()),
+                        "text": exp.text_source(cal.dataset).identity(root), "roles": roles_identity(),
+                        "dtype": exp.dtype})
 
 
 @dataclass
@@ -67,12 +91,24 @@ class Plan:
     cells: list[Cell]
     pending: list[Cell]  # cells without a finished or stopped healed row
     ledger: dict[tuple[str, str], str]  # (cell_id, stage) -> status of the rows already there
+    table_keys: dict[str, str] = field(default_factory=dict)  # model -> its distance table's key (table_key)
+    merged: list[str] = field(default_factory=list)  # fractions that share another's cell (grid.merged_fractions)
     memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, once the GPU size is known
     storage_note: str = ""  # why storage was not checked (--check on a machine that cannot reach it)
 
     @property
     def layers(self) -> dict[str, int]:
         return {name: m.num_layers for name, m in self.models.items()}
+
+    def summary(self) -> list[str]:
+        """What will run, before anything loads: cells per model (to run of all), and the fractions that share a
+        cell."""
+        lines = []
+        for name, m in self.models.items():
+            mine = [c for c in self.cells if c.model == name]
+            todo = sum(1 for c in self.pending if c.model == name)
+            lines.append(f"  {name} (L={m.num_layers}): {len(mine)} cells, {todo} to run")
+        return lines + [f"  note: {line}" for line in self.merged]
 
     def models_with_work(self) -> list[ModelSpec]:
         return [m for m in self.experiment.models if any(c.model == m.name for c in self.pending)]
@@ -90,6 +126,7 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
     from ray_prune.core.data import data_dir
 
     uri = storage_uri or exp.storage or os.path.join(DEFAULT_STORAGE_ROOT, exp.name)
+    check_job_storage(uri)
     storage, ledger, note = _open_storage(exp, uri, rerun, check)
     root = data_dir(exp.data_dir)
     exp.eval.config().validate(local=root is not None)
@@ -99,13 +136,39 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
     check_lora_targets(exp, models)
     cells = expand(exp, {name: m.num_layers for name, m in models.items()})
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in DONE]
-    p = Plan(exp, storage, str(root) if root else None, models, cells, pending, ledger, storage_note=note)
+    keys = {m: table_key(exp, models[m], root) for m in sorted({c.model for c in cells if c.strategy == "similarity"})}
+    layers = {name: m.num_layers for name, m in models.items()}
+    p = Plan(exp, storage, str(root) if root else None, models, cells, pending, ledger, keys,
+             merged_fractions(exp, layers), storage_note=note)
     plan_memory(p, gpu_memory_gb or exp.resources.gpu_memory_gb)
     return p
 
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in the environment of a job's driver
+
+
+def running_as_ray_job() -> bool:
+    """Whether this process is the driver of a ``ray job submit`` job (whose working directory is Ray's temporary
+    copy of the one the job was submitted from)."""
+    return bool(os.environ.get(JOB_CONFIG_ENV))
+
+
+def check_job_storage(uri: str) -> None:
+    """Under ``ray job submit``, a relative local storage path resolves inside Ray's temporary copy of the job's
+    working directory, which goes with the Ray session: the results would vanish and a resubmission would start
+    over. Refused before anything runs."""
+    local = "://" not in uri or uri.startswith("file://")
+    path = uri.removeprefix("file://")
+    if running_as_ray_job() and local and not os.path.isabs(os.path.expanduser(path)):
+        raise UserError(f"storage {uri!r} is a relative path, and this sweep runs as a Ray job: it would be written "
+                        "inside Ray's temporary copy of the job's working directory and vanish with the session",
+                        "pass --storage with an absolute path on storage every node sees (e.g. /mnt/shared/run), "
+                        "or an object store (s3://bucket/prefix, gs://bucket/prefix)")
+
+
 def _open_storage(exp: Experiment, uri: str, rerun: bool, check: bool):
-    """The storage, what it already holds, and a note if it could not be reached (``--check`` only)."""
+    """The storage, what it already holds, and a note (a remote root not reached at ``--check``, a record that did
+    not read and is written anew)."""
     try:
         storage = Storage(uri)
         storage.check_writable()
@@ -113,11 +176,20 @@ def _open_storage(exp: Experiment, uri: str, rerun: bool, check: bool):
         if not (check and "://" in uri and not uri.startswith("file://")):
             raise
         return None, {}, f"storage not checked: {e.problem}"
-    record = read_experiment_record(storage)
+    note = ""
+    try:
+        record = read_experiment_record(storage)
+    except UserError as e:
+        record, unreadable = None, e
+        others = {row["experiment"] for t in read_rows(storage)[0] for row in t.select(["experiment"]).to_pylist()}
+        if others - {exp.name}:
+            raise UserError(f"{unreadable.problem}; its rows are of experiment(s) {sorted(others)}",
+                            "use a separate --storage per experiment") from None
+        note = f"{unreadable.problem}; this sweep writes it anew"
     if record is not None and record.get("name") != exp.name:
         raise UserError(f"storage {uri} holds results of experiment {record.get('name')!r}, not {exp.name!r}",
                         "use a separate --storage per experiment, or keep the experiment's name")
-    return storage, ({} if rerun else done_ids(storage)), ""
+    return storage, ({} if rerun else done_ids(storage)), note
 
 
 def plan_memory(p: Plan, gpu_memory_gb: float | None) -> list:

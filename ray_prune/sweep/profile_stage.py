@@ -10,6 +10,7 @@ the trials need.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from ray_prune.sweep import shared_blocks
 from ray_prune.sweep.rows import baseline_cell, cell_row
 from ray_prune.sweep.shared_blocks import Need
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Profiled:
@@ -36,13 +39,14 @@ class Profiled:
     heal_reference: dict[str, float]  # reference_key(quantize, seq_len, val_sequences) -> unpruned selection loss
     baseline_loss: dict[str, float | None]  # quantize -> the unpruned model's C4 loss (None: not evaluated now)
     profile_s: float
+    notes: list[str]  # stored files found invalid and made again, one line each
 
 
 def reference_key(quantize: str, seq_len: int, val_sequences: int) -> str:
     return f"{quantize}:{seq_len}x{val_sequences}"
 
 
-def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, streamed: bool,
+def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, key: str, streamed: bool,
              gpus: float) -> float:
     """The distance table, in the experiment's inference precision; returns its seconds. ``streamed``: one block
     at a time from the safetensors shards (a model larger than the GPU, exact all the same)."""
@@ -65,7 +69,7 @@ def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str |
         model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code, spread=gpus > 1)
         t0 = time.perf_counter()
         table = profile(model, tok, texts, **kw)
-    write_distance_table(storage, spec.name, table)
+    write_distance_table(storage, spec.name, key, table)
     return time.perf_counter() - t0
 
 
@@ -92,6 +96,9 @@ def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir
                         model, val, bos=scored_bos(tok))
     if not need_baseline:
         return reference, None
+    tasks = ", ".join(f"{k} ({v or 'all'} questions)" for k, v in exp.eval.config().limits().items())
+    log.info("%s: baseline%s: %s%s", spec.name, f" in {how.label}", tasks or "no task",
+             f", C4 loss on {exp.eval.c4_sequences} blocks" if exp.eval.c4_sequences else "")
     t = time.perf_counter()
     flat = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
     cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model), exp.calibration.model_dump(),
@@ -108,65 +115,128 @@ def _test_blocks(storage: Storage, blocks: dict):
     return None if path is None else shared_blocks.read(storage, path)
 
 
-def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None, need_table: bool,
-                  baselines: list[str], threads: int, streamed: bool = False, gpus: float = 0.0) -> Profiled:
+class _Forward(logging.Handler):
+    """Progress lines of the core (its ``ray_prune.*`` loggers) from a stage-1 actor to the driver, which prints
+    them: stage 1 is minutes of conversion, profiling and baselines, and would otherwise be silent."""
+
+    def __init__(self, queue) -> None:
+        super().__init__(logging.INFO)
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record.getMessage())
+        except Exception:  # noqa: BLE001 - a full or gone queue drops a progress line, never the work
+            pass
+
+
+def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None, table_key: str | None,
+                  baselines: list[str], threads: int, streamed: bool = False, gpus: float = 0.0,
+                  queue=None) -> Profiled:
     """Stage 1 for one model (inside its actor): shared blocks, distance table, references and baselines.
 
-    ``baselines``: the scoring quantizations whose baseline row is still missing.
+    ``table_key``: the key of the distance table to compute and store (None: none is needed, or a valid one is
+    stored already). ``baselines``: the scoring quantizations whose baseline row is still missing.
     """
     import torch
 
     from ray_prune.core.models import load_tokenizer
 
     torch.set_num_threads(max(1, threads))
+    if queue is not None:
+        logger = logging.getLogger("ray_prune")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(_Forward(queue))
     exp, spec, storage = Experiment(**exp_dict), ModelSpec(**spec_dict), Storage(storage_uri)
     tok = load_tokenizer(spec.name, spec.trust_remote_code)
     wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
-    blocks = shared_blocks.make(storage, tok, wanted, data_dir, exp.text_source("c4"))
-    profile_s = _profile(exp, spec, storage, data_dir, streamed, gpus) if need_table else 0.0
+    notes: list[str] = []
+    blocks = shared_blocks.make(storage, tok, wanted, data_dir, exp.text_source("c4"), notes)
+    profile_s = _profile(exp, spec, storage, data_dir, table_key, streamed, gpus) if table_key else 0.0
     references: dict[str, float] = {}
     losses: dict[str, float | None] = {}
     for quantize in exp.precisions(spec):
         ref, losses[quantize] = _score_unpruned(exp, spec, storage, data_dir, quantize, blocks,
                                                 quantize in baselines, profile_s)
         references.update(ref)
-    return Profiled(blocks, references, losses, profile_s)
+    return Profiled(blocks, references, losses, profile_s, notes)
 
 
-def _wait(fut, interrupts: Interrupts | None) -> None:
+def _wait(fut, interrupts: Interrupts | None, drain=None) -> None:
     """Wait for ``fut`` in short slices: a blocking ``ray.get`` would hold Ctrl-C off for the whole stage, and a
-    signal raised inside Ray's wait surfaces as a SystemError, so the handler only records it here."""
+    signal raised inside Ray's wait surfaces as a SystemError, so the handler only records it here. ``drain``
+    prints what the actors said meanwhile."""
     import ray
 
     while True:
         with interrupts.during("waiting") if interrupts else contextlib.nullcontext():
             done = ray.wait([fut], timeout=0.5)[0]
+        if drain is not None:
+            drain()
         if interrupts:
             interrupts.check()
         if done:
             return
 
 
+def _table_to_make(p: Plan, model: str, rerun: bool, say) -> str | None:
+    """The key of the distance table stage 1 must compute for ``model``: None where no pending cell needs one or
+    a valid one is stored. A stored table that does not validate is reported, deleted and made again."""
+    from ray_prune.ledger.tables import InvalidTable
+
+    key = p.table_keys.get(model)
+    if key is None or not any(c.model == model and c.strategy == "similarity" and c.n > 0 for c in p.pending):
+        return None
+    if rerun:
+        return key
+    try:
+        read_distance_table(p.storage, model, key)
+        return None
+    except FileNotFoundError:
+        return key
+    except InvalidTable as e:
+        say(f"{e}; profiling {model} again")
+        p.storage.delete(table_path(model, key))
+        return key
+
+
 def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
-                      interrupts: Interrupts | None = None) -> dict[str, Profiled]:
-    """Profile every model that still has work, one actor each, in parallel; fill in earlier baselines' losses."""
+                      interrupts: Interrupts | None = None, say=print) -> dict[str, Profiled]:
+    """Profile every model that still has work, one actor each, in parallel; fill in earlier baselines' losses.
+    ``say`` prints progress (the actors' too); None is quiet."""
     import ray
 
     exp, store = p.experiment, p.storage
     profiler = ray.remote(profile_model)
+    queue, t0 = None, time.monotonic()
+    quiet = say is None
+    say = say or (lambda *a, **k: None)
+    if not quiet:
+        from ray.util.queue import Queue
+
+        queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+
+    def drain() -> None:
+        while queue is not None and not queue.empty():
+            try:
+                line = queue.get_nowait()
+            except Exception:  # noqa: BLE001 - emptied meanwhile
+                return
+            say(f"  [{_clock(time.monotonic() - t0)}] {line}")
+
     futures = {}
     for m in p.models_with_work():
-        need_table = (rerun or not store.exists(table_path(m.name))) and "similarity" in exp.strategies
+        key = _table_to_make(p, m.name, rerun, say)
         baselines = [q for q in exp.precisions(m)
                      if rerun or p.ledger.get((baseline_id(exp, m.name, q), "baseline")) != "finished"]
         g = gpus[m.name]
         futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
-            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, need_table, baselines, cpus, g["streamed"],
-            g["profile"])
+            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, key, baselines, cpus, g["streamed"],
+            g["profile"], queue)
     out: dict[str, Profiled] = {}
     for name, fut in futures.items():
         try:
-            _wait(fut, interrupts)
+            _wait(fut, interrupts, drain)
         except SweepInterrupted:
             for f in futures.values():
                 ray.cancel(f, force=True)  # on a shared cluster the actors would go on profiling for nobody
@@ -177,9 +247,19 @@ def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
             if isinstance(getattr(e, "cause", None), UserError):
                 raise e.cause from None
             raise
+        for note in out[name].notes:
+            say(note)
+    drain()
+    if queue is not None:
+        queue.shutdown()
     if any(v is None for r in out.values() for v in r.baseline_loss.values()):
         _earlier_baselines(p, out)
     return out
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60:d}:{seconds % 60:02d}"
 
 
 def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
@@ -196,6 +276,6 @@ def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
 
 
 def load_tables(p: Plan) -> dict[str, Any]:
-    """The distance table of every model that has pending similarity cells."""
+    """The distance table of every model that has pending similarity cells (stage 1 made or checked each)."""
     models = {c.model for c in p.pending if c.strategy == "similarity" and c.n > 0}
-    return {m: read_distance_table(p.storage, m) for m in sorted(models)}
+    return {m: read_distance_table(p.storage, m, p.table_keys[m]) for m in sorted(models)}

@@ -10,7 +10,7 @@ import traceback
 from typing import Any
 
 import ray_prune
-from ray_prune.ledger.schema import heal_values
+from ray_prune.ledger.schema import calibration_values, heal_values
 from ray_prune.sweep.grid import Cell
 
 
@@ -23,7 +23,8 @@ def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any
         "trust_remote_code": bool(cell.trust_remote_code), "num_layers": cell.num_layers, "n": cell.n,
         "fraction": cell.fraction, "fraction_removed": cell.n / cell.num_layers, "strategy": cell.strategy,
         "removed_layers": list(cell.removed_layers), "seed": cell.seed if healed else None,
-        "code_version": ray_prune.__version__, **(heal_values(cell.heal) if healed else {}), **extra,
+        "code_version": ray_prune.__version__, **(heal_values(cell.heal) if healed else {}),
+        **(calibration_values(cell.calibration, cell.table_key) if cell.table_key else {}), **extra,
     }
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Callable, NoReturn
 
 import ray_prune
-from ray_prune.ledger.layout import RESULTS, TABLES
+from ray_prune.errors import UserError
 from ray_prune.ledger.rows import load_results, save_experiment_record, upgrade_layout
 from ray_prune.sweep.experiment import Experiment, load_experiment
+from ray_prune.sweep.interrupt import Interrupts, SweepInterrupted
 from ray_prune.sweep.plan import Plan, plan
 
 log = logging.getLogger(__name__)
@@ -29,32 +31,50 @@ def run_sweep(
     rerun: bool = False,
     progress: bool = True,
     num_cpus: int | None = None,
+    exit_on_interrupt: Callable[[SweepInterrupted], NoReturn] | None = None,
 ):
-    """Run (or resume, or extend) a sweep and return its results as a DataFrame."""
-    from ray_prune.sweep.lock import SweepLock
+    """Run (or resume, or extend) a sweep and return its results as a DataFrame.
 
-    from ray_prune.sweep.interrupt import Interrupts
+    ``exit_on_interrupt`` (the CLI's): on Ctrl-C or SIGTERM in stage 2, the rows of cells that failed or that
+    ASHA stopped before the signal are written, the lock is released, and this is called with the interrupt
+    instead of waiting for Tune to wind its trials down (it exits the process, which takes its trials with it:
+    every row is written atomically, so a fast stop loses nothing). Without it, the sweep stops Tune and raises
+    :class:`SweepInterrupted`, which suits a notebook.
+    """
+    from ray_prune.sweep.lock import SweepLock
 
     exp = load_experiment(experiment) if isinstance(experiment, str) else experiment
     p = plan(exp, storage, rerun)
-    with Interrupts() as interrupts, SweepLock(p.storage) as lock:
+    with Interrupts() as interrupts, SweepLock(p.storage, on_lost=lambda holder: interrupts.lose_lock(holder)) \
+            as lock:
         if lock.took_over and progress:
             print(f"took over the lock of a sweep that died (pid {lock.took_over.get('pid')} on "
                   f"{lock.took_over.get('host')})")
         # Writers killed mid-write leave hidden temp files; nobody else writes while we hold the lock.
-        for folder in (RESULTS, TABLES):
-            p.storage.remove_temp_files(folder)
+        p.storage.remove_temp_files("")
         upgrade_layout(p.storage)  # rows of older versions join the dataset
-        return _run_planned(p, rerun, progress, num_cpus, interrupts)
+        try:
+            return _run_planned(p, rerun, progress, num_cpus, interrupts, lock, exit_on_interrupt)
+        except SweepInterrupted:
+            if lock.lost:
+                raise _lost(p, lock.lost) from None
+            raise
 
 
-def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, interrupts):
+def _lost(p: Plan, holder: dict) -> UserError:
+    return UserError(f"another sweep (pid {holder.get('pid')} on {holder.get('host')}) took over the lock of "
+                     f"{p.storage.uri}; this sweep stopped writing", "let the other sweep finish, or stop it and "
+                     "run this one again")
+
+
+def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, interrupts: Interrupts, lock,
+                 exit_on_interrupt):
     from ray_prune.sweep.cluster import connect, trial_resources
     from ray_prune.sweep.order import longest_first
     from ray_prune.sweep.outcomes import record_outcomes
     from ray_prune.sweep.profile_stage import load_tables, run_profile_stage
     from ray_prune.sweep.progress import ProgressView
-    from ray_prune.sweep.tune_run import run_tune
+    from ray_prune.sweep.tune_run import make_scheduler, run_tune
 
     exp, store = p.experiment, p.storage
     # Every cell in full, so what the sweep expects is read from storage, never rebuilt (report/, status).
@@ -62,8 +82,12 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
                                              "cells": [c.to_dict() for c in p.cells],
                                              "code_version": ray_prune.__version__})
     say = print if progress else (lambda *a, **k: None)
+    if p.storage_note:
+        say(p.storage_note)
     say(f"{exp.name}: {len(p.cells)} cells, {len(p.cells) - len(p.pending)} already done, "
         f"{len(p.pending)} to run -> {store.uri}")
+    for line in p.summary():
+        say(line)
     if not p.pending:
         return load_results(store.uri)
 
@@ -72,7 +96,7 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     gpus, cpus = trial_resources(exp)
     per_model = _gpus_per_model(p, gpus, say)
     say(f"stage 1: profiling {len(p.models_with_work())} model(s) on {'GPU' if gpus else 'CPU'}")
-    profiled = run_profile_stage(p, per_model, cpus, rerun, interrupts)
+    profiled = run_profile_stage(p, per_model, cpus, rerun, interrupts, say if progress else None)
     tables = load_tables(p)
     specs = longest_first([_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"])
                            for c in p.pending], p.models)
@@ -81,14 +105,30 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     totals: dict[str, int] = {}
     for s in specs:
         totals[s.cell.model] = totals.get(s.cell.model, 0) + 1
-    view = ProgressView(totals, enabled=progress)
+    from ray_prune.sweep.order import trial_cost
+
+    costs = {s.cell.cell_id: trial_cost(s.cell, s.do_unhealed, p.models.get(s.cell.model)) for s in specs}
+    view = ProgressView(totals, enabled=progress, costs=costs)
+    scheduler = make_scheduler(exp, specs)
+    already = len(p.cells) - len(specs)
+
+    def stop_now(signum: int) -> NoReturn:
+        """The fast stop (``exit_on_interrupt``): what the slow one would write, then out."""
+        done = record_outcomes(store, view, getattr(scheduler, "stopped", set()), interrupts.at)
+        lock.release()
+        if lock.lost:
+            raise _lost(p, lock.lost)
+        exit_on_interrupt(SweepInterrupted(signum, already + done, len(p.cells)))
+
     say(f"stage 2: {len(specs)} trials, {gpus:g} GPU + {cpus} CPU each, scheduler {exp.scheduler.type}")
     interrupts.check()
+    interrupts.stop_now = stop_now if exit_on_interrupt is not None else None
     with interrupts.during("tune"):
-        grid, stopped = run_tune(exp, store, specs, gpus, cpus, [view])
+        run_tune(exp, store, specs, gpus, cpus, [view], scheduler)
+    interrupts.stop_now = None
     with interrupts.during("writing"):
-        done = record_outcomes(grid, store, view, stopped, interrupts)
-    interrupts.check(len(p.cells) - len(specs) + done, len(p.cells))
+        done = record_outcomes(store, view, getattr(scheduler, "stopped", set()), interrupts.at)
+    interrupts.check(already + done, len(p.cells))
     return load_results(store.uri)
 
 
@@ -120,12 +160,13 @@ def _trial_spec(c, p: Plan, profiled, tables: dict, cpus: int, gpus: float):
     from ray_prune.sweep.trial import TrialSpec
 
     removed = layers_to_remove(c.strategy if c.n else "deepest", c.num_layers, n=c.n, table=tables.get(c.model))
+    key = p.table_keys.get(c.model) if c.strategy == "similarity" and c.n else None
     blocks = {}
     for need, path in profiled.blocks.items():
         if need.role == "test" or (c.heals and need.seq_len == c.heal["seq_len"]):
             blocks[need.role] = path
     return TrialSpec(
-        cell=replace(c, removed_layers=removed), storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
+        cell=replace(c, removed_layers=removed, table_key=key), storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
         baseline_loss=profiled.baseline_loss.get(c.scored_as),
         reference_loss=profiled.heal_reference.get(reference_key(c.scored_as, c.heal.get("seq_len"),
                                                                   c.heal.get("val_sequences"))),

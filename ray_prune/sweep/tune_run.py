@@ -62,7 +62,8 @@ def _unhealed_path(spec: TrialSpec) -> str:
     return row_path(spec.cell.model, spec.cell.unhealed_id, "unhealed")
 
 
-def _scheduler(exp: Experiment, specs: list[TrialSpec]):
+def make_scheduler(exp: Experiment, specs: list[TrialSpec]):
+    """ASHA within each pruned model (``scheduler.GroupedASHA``), or FIFO; its ``stopped`` names ASHA's stops."""
     from ray.tune.schedulers import FIFOScheduler
 
     from ray_prune.sweep.scheduler import GroupedASHA
@@ -77,8 +78,24 @@ def _scheduler(exp: Experiment, specs: list[TrialSpec]):
                        reduction_factor=exp.scheduler.reduction_factor)
 
 
-def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: float, cpus: int, callbacks: list):
-    """Fit the grid; returns Tune's ResultGrid and the ids of the cells ASHA stopped."""
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def _keep_secrets_out_of_runtime_envs() -> None:
+    """Tune copies the AWS credential variables of the driver into every trainable's ``runtime_env``
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray writes runtime environments in plain text
+    to its session logs (``runtime_env_agent.log``). The workers need no copy: on a local Ray they inherit the
+    driver's environment, on a cluster each node has its own credentials (instance profile, its environment).
+    So the credentials are taken off Tune's list before any trainable is registered."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(set(class_cache.ENV_VARS_TO_PROPAGATE) - set(SECRET_ENV_VARS))
+
+
+def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: float, cpus: int, callbacks: list,
+             scheduler):
+    """Fit the grid; returns Tune's ResultGrid. What each trial did is read from ``callbacks`` (the live view) and
+    from the ``scheduler`` (which cells ASHA stopped)."""
     from ray import tune
 
     from ray_prune.ledger.layout import TUNE
@@ -90,9 +107,12 @@ def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: floa
     # An interrupted sweep stops its trials within seconds, not after their next report (Tune's default
     # waits up to 600 s): a trial killed mid-write leaves only a hidden temp file, never a partial row.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "2")
-    # On an interrupt Tune logs how to resume with Tuner.restore, which ray-prune never uses (see run.py).
-    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
-    scheduler = _scheduler(exp, specs)
+    # Tune logs every trial failure with its traceback, every failed sync of its own state, and, on an interrupt,
+    # how to resume with Tuner.restore (which ray-prune never uses, see run.py). The live view says what failed in
+    # one line and the rows keep the errors, so Tune's own log stays quiet.
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    _keep_secrets_out_of_runtime_envs()
     tune_root = store.local_path(TUNE)
     tuner = tune.Tuner(
         # each trial asks for its own model's GPUs (the memory plan's), others' fit the same nodes
@@ -112,4 +132,4 @@ def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: floa
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks, verbose=0),
     )
-    return tuner.fit(), getattr(scheduler, "stopped", set())
+    return tuner.fit()

@@ -54,11 +54,20 @@ def test_role_shares_on_the_c4_sample_match_the_declared_buckets(data_dir):
         assert abs(got - len(texts) * share) < 4 * sd, (role, got)
 
 
-def test_reading_order_does_not_change_the_roles(data_dir):
+# Documents whose role was computed once (sha256 of the UTF-8 text, first 8 bytes big-endian, mod 100, into the
+# buckets above) and must never change: a change of hash, bucket edges or encoding would silently move documents
+# between training, selection and the reported test set of every sweep that ran before it.
+KNOWN_ROLES = {"ünïcödé ✓": "test", "c": "selection", "d": "calibration", "layer pruning": "heal"}
+
+
+def test_fixed_documents_keep_their_known_roles():
+    assert {text: role_of(text) for text in KNOWN_ROLES} == KNOWN_ROLES
+    assert set(KNOWN_ROLES.values()) == set(ROLES)  # one document of every role
+
+
+def test_a_role_reads_its_documents_in_source_order(data_dir):
     texts = _c4(data_dir)
-    forward = {t: role_of(t) for t in texts}
-    assert {t: role_of(t) for t in reversed(texts)} == forward
-    assert list(iter_role("test", data_dir_path=data_dir)) == [t for t in texts if forward[t] == "test"]
+    assert list(iter_role("test", data_dir_path=data_dir)) == [t for t in texts if role_of(t) == "test"]
 
 
 def test_asking_for_more_documents_than_a_role_holds_is_an_error(data_dir):

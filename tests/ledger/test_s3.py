@@ -27,7 +27,7 @@ import pytest
 
 from helpers import REPO, save_tiny_models, tiny_spec
 from ray_prune.errors import UserError
-from ray_prune.ledger.layout import LOCK, RESULTS, TABLES, TUNE, table_path
+from ray_prune.ledger.layout import LOCK, RESULTS, TABLES, TUNE
 from ray_prune.ledger.rows import load_results
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import parse_experiment
@@ -158,7 +158,8 @@ def test_a_sweep_on_s3_writes_rows_tables_and_tune_state_there(s3, swept):
     assert f"-> {uri}" in out
     df = _check_rows(exp, uri)
     keys = [k for k in s3.objects("full/") if not k.endswith("/")]  # without the 0-byte "folder" markers
-    assert "full/experiment.json" in keys and f"full/{table_path(exp.models[0].name)}" in keys
+    tables = [k for k in keys if k.startswith(f"full/{TABLES}/")]
+    assert "full/experiment.json" in keys and len(tables) == 1 and tables[0].endswith(".parquet")
     assert f"full/{LOCK}" not in keys, "the lock is released at the end"
     rows = [k for k in keys if k.startswith(f"full/{RESULTS}/") and k.endswith(".parquet")]
     assert len(rows) == len(df), "one object per row"
@@ -260,7 +261,7 @@ def test_a_live_lock_on_an_s3_root_refuses_a_sweep_and_a_stale_one_is_taken_over
     uri = f"s3://{BUCKET}/locked"
     storage = Storage(uri)
     holder = {"token": "someone-else", "host": "another-host", "pid": 4242}
-    storage.write_bytes(LOCK, json.dumps({**holder, "beat": time.time()}).encode())
+    storage.write_bytes(LOCK, json.dumps(holder).encode())
     path = tmp_path / "locked.yaml"
     path.write_text(json.dumps(_spec(models_dir, "s3-locked")))  # JSON is YAML
     assert main(["sweep", str(path), "--storage", uri]) == 2
@@ -269,14 +270,16 @@ def test_a_live_lock_on_an_s3_root_refuses_a_sweep_and_a_stale_one_is_taken_over
     assert set(s3.objects("locked/")) <= {"locked/", f"locked/{LOCK}"}, "a refused sweep writes nothing"
     assert json.loads(storage.read_bytes(LOCK))["token"] == "someone-else", "and leaves the holder's lock alone"
 
-    # Ten minutes without a heartbeat: the lock is taken over, beats while held, and is removed on release.
-    storage.write_bytes(LOCK, json.dumps({**holder, "beat": time.time() - 601}).encode())
-    with SweepLock(Storage(uri), heartbeat=0.2) as lock:
+    # Not rewritten for longer than the timeout, by the store's own clock: taken over, beats while held, and is
+    # removed on release.
+    storage.write_bytes(LOCK, json.dumps(holder).encode())
+    time.sleep(2.2)
+    with SweepLock(Storage(uri), heartbeat=0.2, stale_after=2.0) as lock:
         assert lock.took_over["host"] == "another-host"
         first = json.loads(storage.read_bytes(LOCK))
         assert first["token"] == lock.token
         time.sleep(0.6)
-        assert json.loads(storage.read_bytes(LOCK))["beat"] > first["beat"]
+        assert json.loads(storage.read_bytes(LOCK))["beats"] > first["beats"]
         with pytest.raises(UserError, match="another sweep .* is running on s3://"):
             SweepLock(Storage(uri)).acquire()
     assert not storage.exists(LOCK)
@@ -331,3 +334,19 @@ def test_no_secret_reaches_any_object_in_the_bucket(s3, swept):
     keys = s3.objects()
     assert len([k for k in keys if f"/{TUNE}/" in k]) > 10 and len([k for k in keys if f"/{RESULTS}/" in k]) > 4
     assert leaks() == []
+
+
+def test_a_vanished_endpoint_is_one_line_for_status_and_sweep(s3, models_dir, tmp_path, monkeypatch, capsys):
+    """The store goes away for good: `status` and `sweep` say so in one line naming the endpoint, and the fix."""
+    from ray_prune.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there any more
+    uri = f"s3://{BUCKET}/gone"
+    assert main(["status", uri]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "http://127.0.0.1:9" in err[0] and err[1].startswith("  fix:"), err
+    path = tmp_path / "gone.yaml"
+    path.write_text(json.dumps(_spec(models_dir, "gone")))
+    assert main(["sweep", str(path), "--storage", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is not writable" in err[0] and err[1].startswith("  fix:"), err

@@ -210,8 +210,14 @@ def test_remote_storage_needs_out():
 
 
 @pytest.fixture(scope="module")
-def sweep(tiny_sweep):
-    return tiny_sweep
+def sweep(tiny_sweep, tmp_path_factory):
+    """A copy of the session's tiny sweep: the tests here edit its record and delete a row, which the other
+    modules that read the shared sweep must not see."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("report-sweep") / "store"
+    shutil.copytree(tiny_sweep, copy)
+    return copy
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -193,3 +193,44 @@ def test_cell_hash_is_stable_and_extension_only_adds():
     b = {c.cell_id for c in expand(parse_experiment(_with("fractions", [0.1, 0.2, 0.3])), {"smollm2-135m": 30})}
     assert a < b and len(b - a) == 2
     assert a == {c.cell_id for c in expand(parse_experiment(GOOD), {"smollm2-135m": 30})}
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def test_a_grid_over_the_cell_limit_is_refused_naming_the_count_the_axes_and_the_flag():
+    spec = _with("heal.lr", [1e-4, 2e-4, 3e-4, 4e-4, 5e-4]) | {"seeds": list(range(40)),
+                                                              "fractions": {"start": 0.0, "stop": 0.9, "step": 0.01}}
+    with pytest.raises(UserError) as err:
+        parse_experiment(spec)
+    message = str(err.value)
+    assert "makes up to 36,400 cells" in message  # 91 fractions x 2 strategies x 5 lr x 40 seeds
+    assert "fractions 91" in message and "heal.lr 5" in message and "seeds 40" in message
+    assert "--max-cells" in message
+    assert len(expand(parse_experiment(spec, max_cells=40_000), {"smollm2-135m": 30})) <= 36_400
+
+
+def test_an_aliased_yaml_bomb_and_a_huge_file_are_refused_before_parsing_them_out(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8))
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    with pytest.raises(UserError, match="more than 100,000 values"):
+        load_experiment(tmp_path / "bomb.yaml")
+    (tmp_path / "huge.yaml").write_text("name: t\nfractions: [" + ", ".join(["0.1"] * 300_000) + "]\n")
+    with pytest.raises(UserError, match="bytes, more than the 1,048,576"):
+        load_experiment(tmp_path / "huge.yaml")
+
+
+def test_checking_a_ten_thousand_cell_grid_takes_seconds(tmp_path):
+    import time
+
+    from ray_prune.sweep.plan import plan
+
+    spec = GOOD | {"fractions": {"start": 0.0, "stop": 0.96, "step": 0.033}, "seeds": list(range(80)),
+                   "heal": {"steps": 2, "lr": [1e-4, 3e-4]}}
+    t = time.perf_counter()
+    p = plan(parse_experiment(spec), str(tmp_path / "store"), check=True)
+    seconds = time.perf_counter() - t
+    assert 9_000 <= len(p.cells) <= 10_000 and seconds < 30, (len(p.cells), seconds)

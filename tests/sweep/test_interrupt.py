@@ -35,6 +35,12 @@ def _start(spec_path: Path, storage: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _warnings(out: str) -> list[str]:
+    """Warning lines, but Ray's notice at start-up that token authentication is on (a fact of the cluster)."""
+    return [line for line in out.splitlines() if ("WARNING" in line or "Error" in line)
+            and "Token authentication is enabled" not in line]
+
+
 def _healed(storage: Path) -> int:
     return sum(1 for _ in storage.glob("results/*/*-healed.parquet"))
 
@@ -77,10 +83,10 @@ def test_sigint_then_sigterm_mid_trials_then_a_rerun_completes(experiment):
         rc, seconds, out, healed = _interrupt_mid_trials(path, storage, signum)
         name = signal.Signals(signum).name
         assert rc == code, out[-3000:]
-        assert seconds < 30, f"{name}: took {seconds:.1f} s to stop"
+        assert seconds < 3, f"{name}: took {seconds:.1f} s to stop (`ray job stop` kills after 3 s)"
         last = out.strip().splitlines()[-1]
         assert last.startswith(f"ray-prune sweep: interrupted by {name}:") and "run the same command again" in last
-        assert "Traceback" not in out, out[-3000:]
+        assert "Traceback" not in out and not _warnings(out), out[-3000:]  # one line, no Tune warnings
         assert not (storage / LOCK).exists(), f"{name} left the lock behind"
         df = load_results(str(storage))
         rows = df[df["stage"] == "healed"]
@@ -98,9 +104,11 @@ def test_sigint_then_sigterm_mid_trials_then_a_rerun_completes(experiment):
     assert set(df.loc[df["stage"] == "healed", "status"]) == {"finished"}
 
 
-def test_sigint_during_profiling_stops_within_seconds(tmp_path, tokenizer):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_profiling_stops_within_seconds(tmp_path, tokenizer, signum):
     """Stage 1 (profiling actors, baseline evaluation) waits on Ray without blocking Python's signal handlers:
-    Ctrl-C there stops the sweep at once, not when the stage ends (here: all of MMLU 5-shot, minutes)."""
+    Ctrl-C or SIGTERM there stops the sweep at once, not when the stage ends (here: all of MMLU 5-shot,
+    minutes), within the 3 s `ray job stop` gives before it kills."""
     models = save_tiny_models(tmp_path, ["tiny-llama"], tokenizer)
     base = tiny_spec()
     spec = tiny_spec([str(models / "tiny-llama")], "stage1", fractions=[0.5],
@@ -116,7 +124,10 @@ def test_sigint_during_profiling_stops_within_seconds(tmp_path, tokenizer):
             break
     time.sleep(3)
     assert proc.poll() is None, "".join(lines)
-    os.killpg(proc.pid, signal.SIGINT)
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
     t = time.monotonic()
     try:
         out, _ = proc.communicate(timeout=60)
@@ -124,8 +135,9 @@ def test_sigint_during_profiling_stops_within_seconds(tmp_path, tokenizer):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     seconds = time.monotonic() - t
-    assert proc.returncode == 130, "".join(lines) + out[-3000:]
-    assert seconds < 30, f"took {seconds:.1f} s to stop"
-    assert "Traceback" not in out, out[-3000:]
+    assert proc.returncode == 128 + signum, "".join(lines) + out[-3000:]
+    assert seconds < 3, f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in out and not _warnings(out), out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"ray-prune sweep: interrupted by {signal.Signals(signum).name}")
     assert not (storage / LOCK).exists()
     assert not list(storage.glob("results/*/*-baseline.parquet"))  # the baseline was cut off, not written

@@ -218,9 +218,9 @@ def models_dir(tmp_path_factory, tokenizer):
     return save_tiny_models(tmp_path_factory.mktemp("models"), ["tiny-llama", "tiny-faulty"], tokenizer)
 
 
-def _submit(head: Head, spec: dict, storage: Path, runtime_env: dict | None = None):
+def _submit(head: Head, spec: dict, storage: Path | str, runtime_env: dict | None = None, spec_dir: Path | None = None):
     """``ray job submit ... --working-dir . -- ray-prune sweep`` from the repository root; waits for the end."""
-    path = storage.parent / f"{spec['name']}.yaml"
+    path = (spec_dir or Path(storage).parent) / f"{spec['name']}.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
     job_id = f"ray-prune-{spec['name']}-{os.getpid()}-{int(time.time())}"
     cmd = [RAY, "job", "submit", "--address", head.address, "--submission-id", job_id, "--working-dir", "."]
@@ -316,3 +316,16 @@ def test_a_submitted_sweep_whose_cell_fails_for_good_ends_failed_with_the_failed
     assert "injected fault in heal" in healed["error"].iloc[0] and healed["attempts"].iloc[0] == 1
     others = df[df["stage"] != "healed"]
     assert sorted(others["stage"]) == ["baseline", "unhealed"] and set(others["status"]) == {"finished"}
+
+
+def test_a_submitted_sweep_with_a_relative_storage_is_refused_before_anything_runs(head, models_dir, tmp_path):
+    """Under ``ray job submit`` a relative path would land in Ray's temporary copy of the working directory and go
+    with the session; the sweep refuses it, naming the fix, before it starts anything."""
+    spec = tiny_spec(name="jobs-relative", models=[str(models_dir / "tiny-llama")], fractions=[0.5])
+    rc, out, info, wall, _ = _submit(head, spec, "results/jobs-relative", spec_dir=tmp_path)
+    print(f"\n[ray jobs] relative storage: {info['status']} in {wall:.1f} s")
+    assert rc != 0 and info["status"] == "FAILED", out[-4000:]
+    assert "'results/jobs-relative' is a relative path, and this sweep runs as a Ray job" in out
+    assert "fix: pass --storage with an absolute path" in out and "Traceback" not in out
+    assert "stage 1" not in out  # refused before anything ran
+    assert not (REPO / "results" / "jobs-relative").exists()

@@ -4,4 +4,5 @@
 - ``tasks``: the registry read from those YAMLs, torch-free, for the experiment schema and the report.
 - ``overlay``: pointing the YAMLs at a local Parquet mirror instead of the hub.
 - ``harness``: :func:`evaluate_tasks` and :func:`evaluate` (tasks plus the C4 loss of ``core.loss``).
+- ``paired``: per-question records of an evaluation, and the paired difference of two on the same questions.
 """

@@ -9,8 +9,9 @@ loss on 64 held-out blocks of 1024 tokens. Nothing here imports torch or lm-eval
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, resolve_tasks, unknown_task_message
 from ray_prune.core.settings import Settings, is_int, need, setting
@@ -53,6 +54,9 @@ class EvalConfig(Settings):
         "line name or name:shots, comma-separated, or none", factory=_default_tasks, parse=parse_tasks)
     limit: int | None = setting(None, "questions per task where the task sets no limit, a seeded sample of its "
                                 "split (None: every question)", identity="if_changed")
+    max_gen_toks: int | None = setting(
+        None, "tokens a generative task (gsm8k) may generate per question (None: the task's own cap, lm-eval's 256); "
+        "a smaller cap makes CPU runs and tests affordable but cuts long answers off", identity="if_changed")
     c4_sequences: int = setting(64, "held-out C4 blocks the reported loss is taken on (0 skips the loss)")
     seq_len: int = setting(1024, "tokens per C4 block")
     batch_size: int = setting(8, "sequences per forward pass: memory and speed, not the result")
@@ -61,8 +65,8 @@ class EvalConfig(Settings):
 
     @classmethod
     def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
-        """Accept the shorthands a file or a caller writes: ``tasks`` as a list of names, a task's settings as a
-        mapping (unknown keys refused) or None."""
+        """Accept the shorthands a file or a caller writes: ``tasks`` as a list of names or a ``{name: shots}``
+        mapping; a task's settings as a mapping (unknown keys refused), its shots alone, or None."""
         out = dict(values)
         tasks = out.get("tasks")
         if isinstance(tasks, (list, tuple)):
@@ -75,6 +79,9 @@ class EvalConfig(Settings):
                     raise UserError(unknown_task_message(str(name)), f"use any of {', '.join(TASKS)}")
                 if isinstance(spec, TaskSettings):
                     coerced[name] = spec
+                    continue
+                if isinstance(spec, int) and not isinstance(spec, bool):  # {task: shots}, as the harness takes
+                    coerced[name] = TaskSettings(shots=spec)
                     continue
                 spec = dict(spec or {})
                 unknown = sorted(set(spec) - known)
@@ -102,13 +109,16 @@ class EvalConfig(Settings):
             out.setdefault(limit, {})[name] = shots[name]
         return out
 
-    def validate(self, local: bool = False) -> "EvalConfig":
+    def validate(self, local: bool = False) -> EvalConfig:
         """Fail early, with a fix, before any model loads."""
         self.shots(local)
         for name, limit in [("limit", self.limit)] + [(f"tasks.{t}.limit", s.limit) for t, s in self.tasks.items()]:
             need(limit is None or (is_int(limit) and limit >= 1), "eval", f"{name} must be a positive integer, got "
                  f"{limit!r}", f"set {name} to the number of questions to score (at least 1), or leave it unset "
                  "for every question")
+        need(self.max_gen_toks is None or (is_int(self.max_gen_toks) and self.max_gen_toks >= 1), "eval",
+             f"max_gen_toks must be a positive integer, got {self.max_gen_toks!r}",
+             "set max_gen_toks to the most tokens to generate per question, or leave it unset for the task's own")
         need(is_int(self.c4_sequences) and self.c4_sequences >= 0, "eval",
              f"c4_sequences must be >= 0, got {self.c4_sequences!r}", "set c4_sequences to 0 (no C4 loss) or more")
         need(is_int(self.seq_len) and self.seq_len >= 2, "eval", f"seq_len must be >= 2, got {self.seq_len!r}",

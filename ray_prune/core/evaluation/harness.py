@@ -42,6 +42,19 @@ all questions run, which for a full run equals the group's size-weighted acc.
 Standard errors are the standard error of that mean (sample std / sqrt(n), as
 lm-eval reports for a single task). For a full MMLU run lm-eval's group stderr
 differs slightly: it pools within-subject variances only.
+
+Generative tasks and per-question records
+-----------------------------------------
+GSM8K (``output_type: generate_until``) runs through lm-eval's own generation
+and filters; lm-eval scores it once per filter (``exact_match,strict-match``,
+``exact_match,flexible-extract``), reported as ``exact_match_strict`` and
+``exact_match_flexible`` (names derived in ``tasks.py``). Greedy generation
+costs a forward pass per token, so ``max_gen_toks`` (lm-eval's ``gen_kwargs``)
+caps it for CPU runs and tests. Every score is the mean over lm-eval's logged
+per-question output, gathered into one record per question
+(:class:`~ray_prune.core.evaluation.paired.QuestionRecord`); a caller that passes
+``records`` keeps them, so two evaluations on the same questions can be
+compared question by question (``paired.paired_difference``).
 """
 
 from __future__ import annotations
@@ -49,13 +62,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import random
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from ray_prune.core.data import data_dir as resolve_data_dir
 from ray_prune.core.evaluation.config import DEFAULT, EvalConfig
 from ray_prune.core.evaluation.overlay import load_tasks, local_subtask_sizes
+from ray_prune.core.evaluation.paired import QuestionRecord, mean_stderr
 from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, resolve_tasks
 from ray_prune.errors import UserError
 
@@ -129,7 +143,10 @@ def _lm(model, tokenizer, batch_size: int, progress: bool):
     """lm-eval's HF wrapper around the in-memory model (PEFT-wrapped and 4-bit models included).
 
     lm-eval tokenizes and builds the requests; the continuations are scored by
-    ``score_continuations``, which runs the LM head only on the scored positions."""
+    ``score_continuations``, which runs the LM head only on the scored positions.
+    Generation (``generate_until``: GSM8K) is lm-eval's own, so what a generative
+    task scores is exactly what ``lm_eval --model hf`` would; only its progress
+    bar follows ``progress``."""
     from lm_eval.models.huggingface import HFLM
 
     from ray_prune.core.evaluation.loglikelihood import score_continuations
@@ -143,16 +160,10 @@ def _lm(model, tokenizer, batch_size: int, progress: bool):
                     self.cache_hook.add_partial("loglikelihood", request, answer)
             return answers
 
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
+
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-
-
-def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 # --------------------------------------------------------------------------- public API
@@ -174,15 +185,45 @@ def _plan_docs(requested: Mapping[str, int], root, limit: int | None, seed: int)
     return manager, loaded, chosen, samples
 
 
-def _scores(requested: Mapping[str, int], chosen: Mapping[str, object], samples_out: Mapping[str, list]):
-    """Per task: each metric's mean and standard error over the docs run, their number, and the shots."""
+def _records(requested: Mapping[str, int], chosen: Mapping[str, object],
+             samples_out: Mapping[str, list[dict[str, Any]]]) -> list[QuestionRecord]:
+    """lm-eval's logged samples as one record per question, in task order, then subtask, then doc.
+
+    lm-eval logs a question once per filter (a generative task's strict and
+    flexible extractions are two entries); the record gathers them, each score
+    under its reported name (``TaskSpec.metric_specs``).
+    """
+    out: list[QuestionRecord] = []
+    for name in requested:
+        spec = TASKS[name]
+        for t in (t for t in spec.lm_eval_tasks if t in chosen):
+            by_doc: dict[int, QuestionRecord] = {}
+            for entry in samples_out[t]:
+                doc_id = int(entry["doc_id"])
+                rec = by_doc.get(doc_id)
+                if rec is None:
+                    rec = by_doc[doc_id] = QuestionRecord(
+                        task=name, subtask=t, doc_id=doc_id, doc_hash=str(entry["doc_hash"]), metrics={},
+                        target=str(entry["target"]),
+                        loglikelihoods=None if spec.generates else [float(r[0]) for r in entry["filtered_resps"]],
+                        response=str(entry["resps"][0][0]) if spec.generates else None,
+                        extracted={} if spec.generates else None)
+                f = entry["filter"]
+                rec["metrics"].update({m.name: float(entry[m.metric]) for m in spec.metric_specs if m.filter == f})
+                if rec["extracted"] is not None:
+                    rec["extracted"][f] = str(entry["filtered_resps"][0])
+            out += [by_doc[i] for i in sorted(by_doc)]
+    return out
+
+
+def _scores(requested: Mapping[str, int], records: Sequence[QuestionRecord]) -> dict[str, dict[str, float]]:
+    """Per task: each score's mean and standard error over the questions run, their number, and the shots."""
     results: dict[str, dict[str, float]] = {}
     for name, shots in requested.items():
-        spec = TASKS[name]
-        docs = [d for t in spec.lm_eval_tasks if t in chosen for d in samples_out[t]]
+        docs = [r for r in records if r["task"] == name]
         row: dict[str, float] = {}
-        for metric in spec.metrics:
-            row[metric], row[f"{metric}_stderr"] = _mean_stderr([float(d[metric]) for d in docs])
+        for metric in TASKS[name].metrics:
+            row[metric], row[f"{metric}_stderr"] = mean_stderr([d["metrics"][metric] for d in docs])
         row["n"] = len(docs)
         row["shots"] = shots
         results[name] = row
@@ -198,6 +239,8 @@ def evaluate_tasks(
     batch_size: int = DEFAULT.batch_size,
     seed: int = DEFAULT.seed,
     progress: bool = True,
+    max_gen_toks: int | None = DEFAULT.max_gen_toks,
+    records: list[QuestionRecord] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on an in-memory model.
 
@@ -205,7 +248,13 @@ def evaluate_tasks(
     ``limit``: at most this many questions per task, a seeded sample of the
     whole split (see the module docstring). Returns ``{task: {"acc": ..,
     "acc_stderr": .., ["acc_norm": .., "acc_norm_stderr": ..,] "n": ..,
-    "shots": ..}}``. Bad task names, shots or limits fail before any model work.
+    "shots": ..}}``, a generative task its ``exact_match_strict`` and
+    ``exact_match_flexible`` (``TaskSpec.metrics``). ``max_gen_toks`` caps the
+    tokens a generative task generates per question (lm-eval's ``gen_kwargs``;
+    None: the task's own). ``records``: a list that receives one
+    :class:`~ray_prune.core.evaluation.paired.QuestionRecord` per question run,
+    for comparing two evaluations question by question. Bad task names, shots
+    or limits fail before any model work.
     """
     requested = resolve_tasks(tasks)
     root = resolve_data_dir(data_dir)
@@ -213,6 +262,9 @@ def evaluate_tasks(
         resolve_tasks(requested, local=True)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive integer or None, got {limit!r}")
+    if max_gen_toks is not None and (isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int)
+                                     or max_gen_toks < 1):
+        raise UserError(f"max_gen_toks must be a positive integer or None, got {max_gen_toks!r}")
 
     import lm_eval
 
@@ -227,6 +279,7 @@ def evaluate_tasks(
                 task_manager=manager,  # else lm-eval builds one that indexes all its built-in tasks
                 samples=samples or None,
                 log_samples=True,
+                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
                 bootstrap_iters=0,  # only means are reported; their stderr is computed below
                 # Only exemplar sampling draws random numbers here; leave the caller's global RNGs alone.
                 random_seed=None,
@@ -236,7 +289,10 @@ def evaluate_tasks(
             )
         finally:
             model.train(was_training)
-    return _scores(requested, chosen, out["samples"])
+    run = _records(requested, chosen, out["samples"])
+    if records is not None:
+        records.extend(run)
+    return _scores(requested, run)
 
 
 def evaluate(
@@ -247,6 +303,7 @@ def evaluate(
     data_dir=None,
     progress: bool = True,
     c4_blocks=None,
+    records: list[QuestionRecord] | None = None,
     **settings,
 ) -> dict[str, float]:
     """Tasks and C4 loss in one flat dict: ``{"mmlu/acc": .., "boolq/acc": .., "c4/loss_norm": ..}``.
@@ -255,6 +312,7 @@ def evaluate(
     without one, keyword ``settings`` are its fields (``evaluate(model, tok, tasks=["boolq"], limit=20)``). Tasks
     run in one lm-eval call per limit (``EvalConfig.groups``); no task skips lm-eval, ``c4_sequences=0`` the C4
     loss. ``c4_blocks``: the C4 loss's blocks packed already (a sweep packs them once for every trial).
+    ``records``: a list that receives every question's record (see :func:`evaluate_tasks`).
     """
     if config is None:
         config = EvalConfig.from_dict(settings)
@@ -264,7 +322,8 @@ def evaluate(
     flat: dict[str, float] = {}
     for limit, tasks in config.groups().items():
         for name, row in evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir,
-                                        batch_size=config.batch_size, seed=config.seed, progress=progress).items():
+                                        batch_size=config.batch_size, seed=config.seed, progress=progress,
+                                        max_gen_toks=config.max_gen_toks, records=records).items():
             flat.update({f"{name}/{k}": v for k, v in row.items()})
     if config.c4_sequences:
         from ray_prune.core.loss import c4_loss

@@ -1,4 +1,4 @@
-"""Point our task YAMLs at a local Parquet mirror instead of the hub, without copying a prompt.
+r"""Point our task YAMLs at a local Parquet mirror instead of the hub, without copying a prompt.
 
 For each task, a small overlay YAML written to a temporary folder
 ``include``\ s the template by absolute path and replaces only where the data
@@ -10,8 +10,8 @@ and the split names the mirror has. lm-eval then builds the tasks as usual.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 

@@ -1,7 +1,8 @@
 """The evaluation tasks, read from their lm-eval YAMLs: names, shots, metrics and chance levels in one place.
 
 Each task YAML in ``lm_eval_tasks/`` is an lm-eval task config. Shots
-(``num_fewshot``), metrics (``metric_list``) and the evaluated split come from
+(``num_fewshot``), the kind of request (``output_type``), metrics
+(``metric_list``, per filter of ``filter_list``) and the evaluated split come from
 the lm-eval keys themselves; what lm-eval has no key for (the reported name,
 chance and majority-answer accuracy, the main metric, the local mirror's
 layout) sits under ``metadata.ray_prune``. Tasks that share a reported name
@@ -12,9 +13,11 @@ imports torch or lm-eval, so the experiment schema and the report use it freely.
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -22,6 +25,44 @@ from ray_prune.errors import UserError
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 DEFAULT_TASKS: tuple[str, ...] = ("mmlu", "boolq")  # the paper's
+
+
+NO_FILTER = "none"  # lm-eval's name for the scores of a task without a filter_list
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One reported score of a task: an lm-eval metric, computed on one filter's output.
+
+    lm-eval scores a generative task once per filter of its ``filter_list`` and
+    reports ``exact_match,strict-match`` and ``exact_match,flexible-extract``;
+    a task without filters reports ``acc,none``. Our name for the score (the
+    result column's suffix) is the metric alone where there is no filter, else
+    the metric and the filter name's first word (``exact_match_strict``), so a
+    column says which extraction it scored without repeating lm-eval's syntax.
+    """
+
+    name: str  # reported: the column suffix (``acc``, ``exact_match_strict``)
+    metric: str  # lm-eval's metric (``exact_match``)
+    filter: str  # lm-eval's filter whose output it scores (``none`` for a task without a filter_list)
+
+    @property
+    def lm_eval_key(self) -> str:
+        """The key lm-eval reports the score under: ``exact_match,strict-match``."""
+        return f"{self.metric},{self.filter}"
+
+
+def _metric_specs(cfg: dict[str, Any]) -> tuple[MetricSpec, ...]:
+    """Every (metric, filter) pair lm-eval reports for a task config, in the YAML's order, with our names."""
+    filters = [f["name"] for f in cfg.get("filter_list") or []] or [NO_FILTER]
+    out = []
+    for f in filters:
+        short = "" if f == NO_FILTER else "_" + re.sub(r"\W", "_", f.split("-")[0])
+        out += [MetricSpec(name=m["metric"] + short, metric=m["metric"], filter=f) for m in cfg["metric_list"]]
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task {cfg.get('task')}: two of its scores would be reported under one name: {names}")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -33,13 +74,24 @@ class TaskSpec:
     builtin: str  # lm-eval's built-in task whose prompt and metrics we reproduce
     shots: int  # default number of in-context examples
     random_acc: float  # expected accuracy of uniform guessing
-    majority_acc: float  # accuracy of always answering the most frequent gold choice (our eval split)
-    metrics: tuple[str, ...]  # lm-eval metrics reported (each with its stderr)
+    majority_acc: float  # accuracy of always answering the most frequent gold answer (our eval split)
+    metric_specs: tuple[MetricSpec, ...]  # what lm-eval reports, per metric and filter, and our name for each
     main_metric: str
     eval_split: str  # split evaluated, in the hub and in the mirror
     fewshot_split: str | None  # mirror split the exemplars come from (None: the mirror has none)
     local_dataset: str  # folder of the mirror
     lm_eval_tasks: tuple[str, ...]  # our lm-eval task names that make up this task
+    output_type: str  # lm-eval's request kind: multiple_choice (log-likelihoods) or generate_until (generation)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The reported scores' names (each with its stderr): ``<task>_<metric>`` are the result columns."""
+        return tuple(m.name for m in self.metric_specs)
+
+    @property
+    def generates(self) -> bool:
+        """Whether lm-eval generates text for this task (``generate_until``) rather than scoring choices."""
+        return self.output_type == "generate_until"
 
     @property
     def is_split(self) -> bool:
@@ -72,13 +124,17 @@ def _registry() -> dict[str, TaskSpec]:
     specs = {}
     for name, cfgs in configs.items():
         cfg, rp = cfgs[0], cfgs[0]["metadata"]["ray_prune"]
+        metric_specs = _metric_specs(cfg)
+        if rp["main_metric"] not in [m.name for m in metric_specs]:
+            raise ValueError(f"task {name}: main_metric {rp['main_metric']!r} is none of its scores "
+                             f"{[m.name for m in metric_specs]}")
         specs[name] = TaskSpec(
             name=name, label=rp["label"], builtin=rp["builtin"], shots=int(cfg.get("num_fewshot", 0)),
             random_acc=float(rp["random_acc"]), majority_acc=float(rp["majority_acc"]),
-            metrics=tuple(m["metric"] for m in cfg["metric_list"]), main_metric=rp["main_metric"],
+            metric_specs=metric_specs, main_metric=rp["main_metric"],
             eval_split=cfg.get("test_split") or cfg["validation_split"],
             fewshot_split=rp["mirror"]["fewshot_split"], local_dataset=rp["mirror"]["dataset"],
-            lm_eval_tasks=tuple(sorted(c["task"] for c in cfgs)))
+            lm_eval_tasks=tuple(sorted(c["task"] for c in cfgs)), output_type=cfg["output_type"])
     order = [t for t in DEFAULT_TASKS if t in specs] + sorted(set(specs) - set(DEFAULT_TASKS))
     return {name: specs[name] for name in order}
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from helpers import tiny_config, tiny_model
-from ray_prune.errors import UserError
+
 from ray_prune.core.evaluation.harness import _choose_docs, evaluate, evaluate_tasks
 from ray_prune.core.evaluation.overlay import load_tasks as _load_tasks
 from ray_prune.core.evaluation.tasks import MMLU_SUBJECTS, TASKS, TASKS_DIR, resolve_tasks
 from ray_prune.core.loss import c4_loss
+from ray_prune.errors import UserError
 
 BUILTIN_YAML = {
     "boolq": "super_glue/boolq/default.yaml",
@@ -31,6 +31,7 @@ BUILTIN_YAML = {
     "hellaswag": "hellaswag/hellaswag.yaml",
     "piqa": "piqa/piqa.yaml",
     "winogrande": "winogrande/default.yaml",
+    "gsm8k": "gsm8k/gsm8k.yaml",  # generative; its 5-shot prompts and scores: test_gsm8k.py
 }
 
 
@@ -96,6 +97,8 @@ def hub_record(task: str, row: dict) -> dict:
     if task == "winogrande":  # allenai/winogrande winogrande_xl
         return {"sentence": row["sentence"], "option1": row["option1"], "option2": row["option2"],
                 "answer": str(int(row["answer"]) + 1)}
+    if task == "gsm8k":  # openai/gsm8k main: same fields as the mirror
+        return {"question": row["question"], "answer": row["answer"]}
     if task == "mmlu":  # cais/mmlu: same fields as the mirror
         return {"question": row["question"], "subject": row["subject"], "choices": list(row["choices"]),
                 "answer": int(row["answer"])}
@@ -106,6 +109,8 @@ def rendered(task, doc, shots: int):
     """Everything lm-eval sends to the model for one doc, and the gold answer."""
     ctx = task.fewshot_context(doc=doc, num_fewshot=shots)
     requests = task.construct_requests(doc=doc, ctx=ctx, metadata=("t", 0, 1))
+    if not isinstance(requests, list):  # generate_until: one request per doc
+        requests = [requests]
     return [r.arguments for r in requests], task.doc_to_target(doc)
 
 
@@ -163,7 +168,12 @@ def test_prompts_and_metrics_match_lm_eval_builtin(name, local_tasks, data_dir):
         assert rendered(ours, ours.eval_docs[i], 0) == expected, (name, i)
         assert rendered(ours_hub, ours_hub.eval_docs[k], 0) == expected, (name, i)
     assert metric_setup(ours) == metric_setup(theirs) == metric_setup(ours_hub)
-    assert spec.metrics == tuple(theirs._metric_fn_list)
+    assert ours._metric_fn_kwargs == theirs._metric_fn_kwargs == ours_hub._metric_fn_kwargs
+    assert spec.output_type == theirs.OUTPUT_TYPE == ours.OUTPUT_TYPE
+    # Our scores: each lm-eval metric on each filter lm-eval applies ("none" where the task has no filter_list).
+    filters = [f["name"] for f in theirs.config.filter_list or []] or ["none"]
+    expected_scores = [(m, f) for f in filters for m in theirs._metric_fn_list]
+    assert [(m.metric, m.filter) for m in spec.metric_specs] == expected_scores
     # And lm-eval feeds the model what we think: the built-in prompt format, checked literally once.
     (first_args, gold) = rendered(ours, ours.eval_docs[0], 0)
     if name == "boolq":
@@ -257,7 +267,7 @@ def test_every_task_runs_on_a_tiny_model(tokenizer, caplog):
     lm_eval_logger = logging.getLogger("lm_eval")
     before = lm_eval_logger.level
     with caplog.at_level(logging.INFO):  # root at INFO: lm-eval's own level must hold its chatter back
-        scores = evaluate_tasks(model, tokenizer, list(TASKS), limit=4, progress=False)
+        scores = evaluate_tasks(model, tokenizer, list(TASKS), limit=4, max_gen_toks=8, progress=False)
     assert not [r for r in caplog.records if r.name.startswith("lm_eval") and r.levelno < logging.ERROR]
     assert lm_eval_logger.level == before  # quieted only for the call
     assert list(scores) == list(TASKS)

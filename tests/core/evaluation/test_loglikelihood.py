@@ -1,27 +1,84 @@
-"""Continuation scores with the LM head on the scored positions only equal lm-eval's own to float rounding."""
+"""Continuation scores: each shared context and few-shot prefix computed once, the scores those of one row per request.
+
+Two references: lm-eval's own HF path (full logits, one row per request), and
+``_score_full_rows``, the scorer before contexts were shared (one row per
+distinct context + continuation[:-1], the LM head on scored positions only),
+run on the same model and the same requests. The requests are lm-eval's own,
+built and tokenized by lm-eval from the local data mirror.
+
+Tolerance against ``_score_full_rows``: ``TOLERANCE`` absolute on a request's
+summed log-probability. The two paths add the same terms in differently shaped
+matmuls (attention over a cached past, other batch compositions), so each
+log-probability differs by fp32 rounding, a few ulps of the logits; a request
+sums up to ~40 of them. Measured: at most 8e-6 on the tiny models, ... on the
+bundled ones. A scorer that lets one token see a wrong one (a pad slot
+unmasked, a shifted position) is off by 1e-2 and more on these same models.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 import pytest
 import torch
-
-from ray_prune.core.evaluation.loglikelihood import score_continuations
 from helpers import tiny_model
+
+from ray_prune.core.evaluation.loglikelihood import _score_full_rows, score_continuations
+
+CPU = torch.device("cpu")
+TOLERANCE = 1e-4
 
 CONTEXTS = ["The capital of France is", "Question: what do bees make?\nAnswer:",
             "A long context that goes on and on about the weather in the mountains in winter, " * 3,
             "Paris"]
-CONTINUATIONS = [" A", " B", " C", " D", " honey", " the sea and the sky", " snow falls"]
+CONTINUATIONS = [" A", " B", " C", " D", " honey", " the sea and the sky", " snow falls", " the sea"]
+
+# lm-eval tasks (our names: shots), and the MMLU subjects to draw from: the first QUESTIONS questions of each
+TASK_SHOTS = {"arc_easy": 0, "piqa": 0, "hellaswag": 0, "boolq": 0, "winogrande": 0, "mmlu": 5}
+SUBJECTS = ("anatomy", "astronomy")
+QUESTIONS = 3
 
 
 def _requests(tokenizer) -> list:
-    """Every context with every continuation: shared contexts, one- and many-token continuations, and
-    (with a short max_length) inputs cut from the left."""
+    """Every context with every continuation: shared contexts, one- and many-token continuations, a continuation
+    that is a prefix of another, and (with a short max_length) inputs cut from the left."""
     out = []
     for ctx in CONTEXTS:
         for cont in CONTINUATIONS:
             out.append(((ctx, cont), tokenizer(ctx)["input_ids"], tokenizer(cont)["input_ids"]))
     return out
+
+
+def lm_eval_instances(tasks: Mapping[str, int], per_task: int, data_dir: Path,
+                      subjects: Sequence[str] = SUBJECTS) -> dict[str, list]:
+    """lm-eval's loglikelihood instances per task (lm-eval task name), from the local mirror: the first
+    ``per_task`` questions of each task (of each MMLU subject listed), prompts built by lm-eval."""
+    from ray_prune.core.evaluation.overlay import load_tasks
+
+    _, loaded = load_tasks(tasks, data_dir, {f"rp_mmlu_{s}" for s in subjects})
+    out = {}
+    for name, task in loaded.items():
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(limit=per_task, rank=0, world_size=1)
+        out[name] = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
+    return out
+
+
+def lm_eval_requests(model, tokenizer, instances: Sequence) -> list:
+    """The requests lm-eval's HF wrapper hands its ``_loglikelihood_tokens`` for these instances (tokenized by
+    lm-eval), what ``harness._HFLM`` passes to ``score_continuations``."""
+    from lm_eval.models.huggingface import HFLM
+
+    captured: list = []
+
+    class Capture(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            captured.extend(requests)
+            return [(0.0, False)] * len(requests)
+
+    Capture(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(list(instances), disable_tqdm=True)
+    return captured
 
 
 def _lm_eval(model, tokenizer, requests, max_length: int, batch_size: int):
@@ -31,6 +88,41 @@ def _lm_eval(model, tokenizer, requests, max_length: int, batch_size: int):
     return lm._loglikelihood_tokens(requests, disable_tqdm=True)
 
 
+def assert_same_scores(ours, reference, tolerance: float = TOLERANCE) -> float:
+    """Greedy flags identical, log-probabilities within ``tolerance``; returns the largest difference."""
+    assert len(ours) == len(reference)
+    assert [g for _, g in ours] == [g for _, g in reference]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in reference], abs=tolerance, rel=0)
+    assert len({round(lp, 2) for lp, _ in ours}) > len(ours) // 2  # the scores differ: the test can fail
+    return max(abs(a - b) for (a, _), (b, _) in zip(ours, reference))
+
+
+@pytest.fixture(scope="module")
+def instances(data_dir) -> dict[str, list]:
+    return lm_eval_instances(TASK_SHOTS, QUESTIONS, data_dir)
+
+
+@pytest.fixture(scope="module")
+def real_requests(instances, tokenizer) -> list:
+    """lm-eval's requests for every task, tokenized by SmolLM2's tokenizer (which the tiny models share)."""
+    return lm_eval_requests(tiny_model("llama", num_layers=1), tokenizer, [i for v in instances.values() for i in v])
+
+
+def test_requests_share_contexts_and_mmlu_prefixes(instances, tokenizer):
+    """What the scorer is for, checked on lm-eval's requests: several choices per context, and the 5-shot MMLU
+    prompts of a subject identical up to the question."""
+    model = tiny_model("llama", num_layers=1)
+    for name in ("rp_arc_easy", "rp_hellaswag", "rp_piqa", "rp_boolq"):
+        contexts = [tuple(ctx) for _, ctx, _ in lm_eval_requests(model, tokenizer, instances[name])]
+        assert len(contexts) >= 2 * len(set(contexts)) == 2 * QUESTIONS, name
+    for subject in SUBJECTS:
+        contexts = sorted({tuple(ctx) for _, ctx, _ in lm_eval_requests(model, tokenizer,
+                                                                         instances[f"rp_mmlu_{subject}"])})
+        assert len(contexts) == QUESTIONS
+        common = min(next(k for k, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(contexts, contexts[1:]))
+        assert common > 0.6 * min(map(len, contexts)), subject
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("max_length,batch_size", [(256, 5), (24, 3)])
 def test_scores_equal_lm_eval(family, max_length, batch_size, tokenizer):
@@ -38,16 +130,106 @@ def test_scores_equal_lm_eval(family, max_length, batch_size, tokenizer):
     model.config.vocab_size = model.get_output_embeddings().weight.shape[0]
     requests = _requests(tokenizer)
     theirs = _lm_eval(model, tokenizer, requests, max_length, batch_size)
-    ours = score_continuations(model, requests, max_length, batch_size, torch.device("cpu"))
-    assert [g for _, g in ours] == [g for _, g in theirs]
-    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4)
-    assert len({round(lp, 3) for lp, _ in ours}) > len(CONTEXTS)  # the scores differ: the test can fail
+    ours = score_continuations(model, requests, max_length, batch_size, CPU)
+    assert_same_scores(ours, theirs)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("max_length,batch_size", [(2048, 4), (256, 3), (2048, 1)])
+def test_shared_contexts_score_like_one_row_per_request(family, max_length, batch_size, real_requests, tokenizer):
+    """lm-eval's requests for six tasks, MMLU 5-shot included; sliding windows (16 tokens in the tiny Mistral,
+    Qwen2, Gemma-2 and Gemma-3), Gemma-2's soft-capping; max_length 256 cuts BoolQ and MMLU prompts."""
+    model = tiny_model(family)
+    requests = real_requests + _requests(tokenizer)
+    assert any(len(c) + len(x) > 256 + 1 for _, c, x in requests)
+    reference = _score_full_rows(model, requests, max_length, batch_size, CPU)
+    assert_same_scores(score_continuations(model, requests, max_length, batch_size, CPU), reference)
+    assert_same_scores(score_continuations(model, requests, max_length, batch_size, CPU, min_shared_prefix=None),
+                       reference)
+
+
+def test_lora_adapter_unmerged_scores_like_one_row_per_request(real_requests):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama", seed=5)
+    before = score_continuations(base, real_requests, 2048, 4, CPU)
+    # init_lora_weights=False: B is random too, so the adapter changes the model
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                            init_lora_weights=False)).eval()
+    reference = _score_full_rows(model, real_requests, 2048, 4, CPU)
+    assert_same_scores(score_continuations(model, real_requests, 2048, 4, CPU), reference)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(before, reference)) > 1e-2  # the adapter took part
+
+
+def test_nf4_model_scores_like_one_row_per_request(real_requests, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("gemma3_text", seed=4).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu").eval()
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    reference = _score_full_rows(model, real_requests, 2048, 4, CPU)
+    assert_same_scores(score_continuations(model, real_requests, 2048, 4, CPU), reference)
+
+
+def test_each_shared_piece_runs_once():
+    """Token positions through the decoder, counted at the embedding: a 40-token prefix shared by three
+    questions runs once, each question once, each continuation row once (one that another continuation's
+    row already holds, or a one-token one, rides along with it)."""
+    prefix = list(range(100, 140))
+    questions = [[300 + k] + [50] * (4 + 2 * k) for k in range(3)]  # distinct first tokens, 5, 7, 9 tokens
+    continuations = [[201, 202, 203], [211, 212, 213], [221, 222], [201, 202], [230]]
+    requests = [(("", ""), prefix + q, c) for q in questions for c in continuations]
+    model = tiny_model("llama", num_layers=2)
+    seen: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        ours = score_continuations(model, requests, 2048, 1, CPU)
+        shared = sum(seen)
+        seen.clear()
+        no_prefix = score_continuations(model, requests, 2048, 1, CPU, min_shared_prefix=None)
+        contexts_only = sum(seen)
+        seen.clear()
+        reference = _score_full_rows(model, requests, 2048, 1, CPU)
+        full_rows = sum(seen)
+    finally:
+        hook.remove()
+    rows = 2 + 2 + 1  # the continuation rows [201, 202] (also serves [201, 202, 203]'s [:-1]), [211, 212], [221]
+    assert shared == len(prefix) + sum(len(q) + rows for q in questions)
+    assert contexts_only == sum(len(prefix) + len(q) + rows for q in questions)
+    assert full_rows == sum(len(prefix) + len(q) + len(c) - 1 for q in questions
+                            for c in {tuple(c[:-1]): c for c in continuations}.values())
+    assert_same_scores(ours, reference, TOLERANCE)
+    assert_same_scores(no_prefix, reference, TOLERANCE)
+
+
+def test_scores_follow_their_requests_in_any_order(real_requests):
+    model = tiny_model("qwen2")
+    forward = score_continuations(model, real_requests, 2048, 4, CPU)
+    backward = score_continuations(model, real_requests[::-1], 2048, 4, CPU)
+    assert [g for _, g in backward[::-1]] == [g for _, g in forward]
+    assert [lp for lp, _ in backward[::-1]] == pytest.approx([lp for lp, _ in forward], abs=TOLERANCE, rel=0)
+
+
+# --------------------------------------------------------------------------- the bundled models
+
+
+@pytest.mark.slow
 def test_scores_equal_lm_eval_on_smollm2(smollm2):
     model, tokenizer = smollm2
     requests = _requests(tokenizer)
     theirs = _lm_eval(model, tokenizer, requests, 2048, 8)
-    ours = score_continuations(model, requests, 2048, 8, torch.device("cpu"))
-    assert [g for _, g in ours] == [g for _, g in theirs]
-    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4)
+    ours = score_continuations(model, requests, 2048, 8, CPU)
+    assert_same_scores(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_bundled_models_score_like_one_row_per_request(name, instances, request):
+    """The real models in fp32 on lm-eval's requests for the six tasks (Gemma-3: 512-token sliding windows on
+    5 of every 6 layers, MMLU prompts longer than that)."""
+    model, tokenizer = request.getfixturevalue(name)
+    requests = lm_eval_requests(model, tokenizer, [i for v in instances.values() for i in v])
+    reference = _score_full_rows(model, requests, 2048, 8, CPU)
+    assert_same_scores(score_continuations(model, requests, 2048, 8, CPU), reference)

@@ -1,23 +1,24 @@
 """The facts of a transformers config that memory depends on, and its parameters by where they live.
 
 ``Arch.from_config`` reads one decoder family's structure (the linears of a block, the norms, the
-attention kind) from the config alone; ``param_count`` counts parameters in closed form. Both are
-checked against meta-device builds of every family in ``tests/core/test_memory.py``. NF4 sizes follow
-bitsandbytes 0.50 with double quantization (see ``nf4_bytes``).
+attention kind) from the config through the family's entry in ``core.families.FAMILIES``, which
+declares it as data: this module names no family. ``param_count`` counts parameters in closed form.
+Both are checked against meta-device builds of every family in ``tests/core/test_memory.py``. NF4
+sizes follow bitsandbytes 0.50 with double quantization (see ``nf4_bytes``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
-from ray_prune.core.architecture import FAMILIES
+from ray_prune.core.families import FAMILIES, dimension, flag
 from ray_prune.errors import UserError
 
-# Tensors an FFN activation saves, in units of c x intermediate per token (measured, see memory_terms).
+# Tensors an FFN activation saves, in units of c x intermediate per token (measured, see ``terms``).
 _ACT_SAVES = {"silu": 1, "swish": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4, "gelu_fast": 4}
-_EAGER_ONLY = {"gemma2"}  # transformers 5.24: Gemma2PreTrainedModel._supports_sdpa = False
 
 
 def dtype_bytes(precision: str) -> int:
@@ -82,56 +83,37 @@ class Arch:
         return self.sliding_layers / self.layers
 
     @classmethod
-    def from_config(cls, config: Any) -> "Arch":
+    def from_config(cls, config: Any) -> Arch:
+        """The facts of ``config``, its block's shape read from its family's entry (``families.FAMILIES``)."""
         mt = getattr(config, "model_type", None)
         if mt not in FAMILIES:
             raise UserError(f"no memory model for architecture {mt!r}",
                             f"use a model of a supported family: {', '.join(sorted(FAMILIES))}")
+        fam = FAMILIES[mt]
         H, L = int(config.hidden_size), int(config.num_hidden_layers)
         nh = int(config.num_attention_heads)
         kv = int(getattr(config, "num_key_value_heads", None) or nh)
         hd = int(getattr(config, "head_dim", None) or H // nh)
         I = int(config.intermediate_size)
-        q, k = nh * hd, kv * hd
+        sizes = {"H": H, "Q": nh * hd, "K": kv * hd, "I": I}
+        lin = tuple(Linear(s.name, dimension(s.fan_in, sizes), dimension(s.fan_out, sizes), flag(s.bias, config))
+                    for s in fam.linears)
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-        attn_bias = bool(getattr(config, "attention_bias", False))
-        if mt == "phi":
-            lin = (Linear("q_proj", H, q, True), Linear("k_proj", H, k, True), Linear("v_proj", H, k, True),
-                   Linear("dense", q, H, True), Linear("fc1", H, I, True), Linear("fc2", I, H, True))
-        elif mt == "phi3":
-            lin = (Linear("qkv_proj", H, q + 2 * k, False), Linear("o_proj", q, H, False),
-                   Linear("gate_up_proj", H, 2 * I, False), Linear("down_proj", I, H, False))
-        elif mt == "gpt_neox":
-            b = bool(getattr(config, "attention_bias", True))
-            lin = (Linear("query_key_value", H, 3 * q, b), Linear("dense", q, H, b),
-                   Linear("dense_h_to_4h", H, I, True), Linear("dense_4h_to_h", I, H, True))
-        else:
-            qkv_bias = attn_bias or mt == "qwen2"
-            mlp_bias = bool(getattr(config, "mlp_bias", False))
-            lin = (Linear("q_proj", H, q, qkv_bias), Linear("k_proj", H, k, qkv_bias),
-                   Linear("v_proj", H, k, qkv_bias), Linear("o_proj", q, H, attn_bias),
-                   Linear("gate_proj", H, I, mlp_bias), Linear("up_proj", H, I, mlp_bias),
-                   Linear("down_proj", I, H, mlp_bias))
-        norms = {"gemma2": 4, "gemma3_text": 4, "phi": 1}.get(mt, 2)
-        parallel = mt == "phi" or (mt == "gpt_neox" and bool(getattr(config, "use_parallel_residual", True)))
-        window = getattr(config, "sliding_window", None)
-        if mt == "qwen2" and not getattr(config, "use_sliding_window", False):
-            window = None
+        parallel = flag(fam.parallel_residual, config)
+        window = getattr(config, "sliding_window", None) if flag(fam.uses_sliding_window, config) else None
         types = getattr(config, "layer_types", None)
         sliding = (sum(1 for t in types if t == "sliding_attention") if types else L) if window else 0
-        eager = mt in _EAGER_ONLY or getattr(config, "_attn_implementation_internal", None) == "eager"
+        eager = fam.eager_only or getattr(config, "_attn_implementation_internal", None) == "eager"
         return cls(
             model_type=mt, layers=L, hidden=H, intermediate=I, heads=nh, kv_heads=kv, head_dim=hd,
             vocab=int(config.vocab_size), tied=bool(getattr(config, "tie_word_embeddings", False)),
             max_length=int(getattr(config, "max_position_embeddings", None) or 2048), linears=lin,
-            ffn=FAMILIES[mt].ffn_modules, gated=mt not in ("phi", "gpt_neox"), act_saves=_ACT_SAVES.get(act, 4),
-            norm="layer" if mt in ("phi", "gpt_neox") else "rms", norms_per_layer=norms,
-            norm_inputs_per_layer=1 if parallel else norms,
-            qk_norm=mt in ("qwen3", "gemma3_text") or bool(getattr(config, "qk_layernorm", False)),
-            fused_qkv=mt in ("phi3", "gpt_neox"), parallel=parallel, eager=eager,
+            ffn=fam.ffn_modules, gated=fam.gated, act_saves=_ACT_SAVES.get(act, 4), norm=fam.norm,
+            norms_per_layer=fam.norms_per_layer, norm_inputs_per_layer=1 if parallel else fam.norms_per_layer,
+            qk_norm=flag(fam.qk_norm, config), fused_qkv=fam.fused_qkv, parallel=parallel, eager=eager,
             attn_softcap=getattr(config, "attn_logit_softcapping", None) is not None and eager,
             final_softcap=getattr(config, "final_logit_softcapping", None) is not None,
-            sliding_window=int(window) if window else None, sliding_layers=sliding, lm_head_bias=mt == "phi")
+            sliding_window=int(window) if window else None, sliding_layers=sliding, lm_head_bias=fam.lm_head_bias)
 
     def linear(self, name: str) -> Linear:
         for lin in self.linears:

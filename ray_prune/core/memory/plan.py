@@ -1,4 +1,4 @@
-"""Peak GPU memory of each stage of a sweep, from a model's config alone, and what fits on which GPUs.
+"""Each stage's peak GPU memory as a sum of terms, and what each stage runs on: the plan of one model.
 
 Nothing here loads weights or allocates tensors: every number is a closed form
 of the config (:class:`Arch`) and the experiment's batch and sequence settings
@@ -34,26 +34,31 @@ worst cell. Even for n > 0, ``unhealed`` and ``heal`` keep a term for the unprun
 blocks, because ``load_pruned`` prunes after loading the model onto the GPU (the freed
 blocks stay in PyTorch's cache and are reused later, hence ``max(unpruned, pruned + rest)``).
 
-How each term is sized, where its number comes from and how accurate it is: ``memory_terms``.
+How each term is sized, where its number comes from and how accurate it is: ``memory.terms``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from ray_prune.core.heal.config import HealConfig
-from ray_prune.core.memory_arch import Arch, Linear, ParamCount, dtype_bytes, nf4_bytes, param_count
-from ray_prune.core.memory_terms import (ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GIB, REFERENCE_LOSS_BATCH,
-                                         TASK_LONGEST_CHARS, StageEstimate, Term, Workload, _lm_eval_bytes,
-                                         _next_token_loss_bytes, _sum, eval_terms, heal_terms, lora_params,
-                                         profile_terms, train_layer_bytes, weight_terms)
+from ray_prune.core.memory.arch import Arch, dtype_bytes, param_count
+from ray_prune.core.memory.terms import (
+    REFERENCE_LOSS_BATCH,
+    StageEstimate,
+    Term,
+    Workload,
+    eval_terms,
+    heal_terms,
+    lora_params,
+    next_token_loss_bytes,
+    profile_terms,
+    total_bytes,
+    weight_terms,
+)
 from ray_prune.errors import UserError
-
-__all__ = ["ALLOCATOR_MARGIN", "CUDA_CONTEXT_BYTES", "GIB", "HEADROOM", "STAGES", "TASK_LONGEST_CHARS", "Arch",
-           "Choice", "Linear", "ModelPlan", "ParamCount", "StageEstimate", "Term", "Workload", "choose",
-           "dtype_bytes", "estimate", "format_plan_table", "lora_params", "nf4_bytes", "options", "param_count",
-           "train_layer_bytes", "weight_terms", "_lm_eval_bytes"]
 
 STAGES: tuple[str, ...] = ("profile", "unhealed", "heal", "healed")
 TRIAL_STAGES: tuple[str, ...] = ("unhealed", "heal", "healed")
@@ -106,7 +111,7 @@ def _dequant_term(arch: Arch, c: int) -> Term:
 
 def _unpruned_load(arch: Arch, terms: list[Term], store: str, compute: str, n_removed: int) -> None:
     """``load_pruned`` loads the whole model onto the GPU, then prunes: ``max(unpruned, pruned + the rest)``."""
-    extra = _sum(weight_terms(arch, arch.layers, store, compute)) - _sum(terms)
+    extra = total_bytes(weight_terms(arch, arch.layers, store, compute)) - total_bytes(terms)
     if n_removed and extra > 0:
         terms.append(Term("unpruned blocks before prune_layers", extra, True,
                           "load_pruned loads the whole model onto the GPU, then prunes"))
@@ -149,14 +154,14 @@ def _profile_estimate(arch: Arch, workload: Workload, compute: str, precision: s
         first = weight_terms(arch, arch.layers, table, compute) + profile_terms(arch, workload, c)
     after = []
     for seq_len in {p.seq_len for p in workload.heal}:
-        b, how = _next_token_loss_bytes(arch, c, REFERENCE_LOSS_BATCH, seq_len)
+        b, how = next_token_loss_bytes(arch, c, REFERENCE_LOSS_BATCH, seq_len)
         after.append([Term("reference heal validation loss", b, False, how)])
     after.append(eval_terms(arch, workload, c, arch.layers))
-    second = weight_terms(arch, arch.layers, store, compute) + max(after, key=_sum)
+    second = weight_terms(arch, arch.layers, store, compute) + max(after, key=total_bytes)
     for part, precision_of in ((first, table), (second, store)):
         if precision_of == "nf4":
             part.append(_dequant_term(arch, c))
-    terms = first if _sum(first) >= _sum(second) else second
+    terms = first if total_bytes(first) >= total_bytes(second) else second
     label = table if table == store else f"{table}+{store}"  # the table's precision, then the scoring one
     notes = [f"the peak is the {'distance-table' if terms is first else 'scoring'} load"]
     if table == "nf4":
@@ -182,7 +187,7 @@ def _healed_terms(arch: Arch, workload: Workload, store: str, kept: int, notes: 
             notes.append("trial.evaluate_healed keeps the NF4 model alive while it scores the merged copy")
     terms += eval_terms(arch, workload, dtype_bytes(hc), kept)
     if store != "nf4" and heal.quantize != "nf4":  # merge_adapter merges in fp32 on the model's device
-        extra = _sum(weight_terms(arch, kept, "fp32", "fp32")) - _sum(terms)
+        extra = total_bytes(weight_terms(arch, kept, "fp32", "fp32")) - total_bytes(terms)
         if extra > 0:
             terms.append(Term("merge: the model in fp32 (transient)", extra, True,
                               "merge_adapter: target.float().merge_and_unload()"))
@@ -192,7 +197,7 @@ def _healed_terms(arch: Arch, workload: Workload, store: str, kept: int, notes: 
 # --------------------------------------------------------------------------- choosing
 
 Order = Literal["one_gpu", "full_precision"]
-HEADROOM = 0.10  # the share of a GPU a plan leaves free: the estimates are not exact (memory_terms, Accuracy)
+HEADROOM = 0.10  # the share of a GPU a plan leaves free: the estimates are not exact (memory.terms, Accuracy)
 
 
 @dataclass(frozen=True)
@@ -275,8 +280,8 @@ def _heal_fix(arch: Arch, workload: Workload, gpu_gib: float, headroom: float, n
         if len(found) == 2 and found[1][0] <= found[0][0]:
             found = found[:1]  # checkpointing buys no larger micro-batch
         if found:
-            fixes += ["heal: {batch_size: %d, grad_accum: %d%s}" % (b, total // b, ", gradient_checkpointing: true"
-                                                                     if ckpt else "") for b, ckpt in found]
+            fixes += [f"heal: {{batch_size: {b}, grad_accum: {total // b}"
+                      + (", gradient_checkpointing: true}" if ckpt else "}") for b, ckpt in found]
         elif h.quantize != "nf4" and ok(replace(h, quantize="nf4", batch_size=1, grad_accum=total,
                                                 gradient_checkpointing=True)):
             fixes.append("heal: {quantize: nf4} (with a smaller batch_size and gradient_checkpointing)")

@@ -1,4 +1,4 @@
-"""The terms of a stage's peak memory: weights, activations, KV cache, logits, LoRA state.
+"""The terms of a stage's peak memory: weights, activations, KV caches, logits, LoRA state.
 
 Sources of each term
 --------------------
@@ -27,16 +27,30 @@ Sources of each term
   tanh softcap). Not a saved tensor, so *derived*, not measured.
 * Inference transients (profile, evaluation): the live tensors of one block at its
   widest point (the MLP: 3 intermediates; or attention), derived from the modeling
-  code, not measured. KV cache: lm-eval calls ``model(inps)`` with the config's
-  ``use_cache`` (True for these models), so a forward holds every layer's K and V
-  until it returns; the C4 loss and the profile pass ``use_cache=False``.
-* lm-eval context: the longest loglikelihood request of each task (context plus
-  continuation, with the task's shots), measured in characters on the local data
-  mirror through lm-eval's own request builder; tokens = characters / 3.0, an
-  assumed lower bound on characters per token (measured 3.75-5.0 with the SmolLM2
-  and Gemma-3 tokenizers on those requests; Llama-2's 32k vocabulary is less
-  efficient than either, hence the margin); capped at lm-eval's ``max_length``
-  (``max_position_embeddings``). Unmeasured (task, shots) use that cap.
+  code. The C4 loss and the profile pass ``use_cache=False``.
+* Evaluation, log-likelihood tasks (:func:`scoring_bytes`): the scorer the harness runs,
+  ``core.evaluation.loglikelihood.score_continuations``, not lm-eval's HF path (a KV
+  cache and full logits at every position). It runs a prefix that contexts share once and
+  the contexts and their continuation rows against its keys and values, so it holds up
+  to three caches (the prefixes', the contexts', the rows'; two with one-token answers),
+  each at most batch x the task's longest request; the LM head runs on the scored
+  positions only, the task's longest continuation per row (one for answer letters and
+  " yes" / " no"), and their log-softmax in fp32. Derived from the scorer's code and
+  checked against torch's CPU memory profiler (Accuracy).
+* Evaluation, generative tasks (:func:`generation_bytes`; the registry's ``output_type:
+  generate_until``, GSM8K): lm-eval's own ``generate_until``, which calls ``model.generate``
+  with its cache on left-padded contexts cut to ``max_length - max_gen_toks`` tokens: the
+  cache ends holding batch x (context + ``max_gen_toks``) tokens of every layer
+  (``eval.max_gen_toks``, else lm-eval's 256), on top of the prefill forward and its mask.
+* Task lengths: the longest loglikelihood request of each task (context plus
+  continuation, with the task's shots) and its longest continuation, measured in
+  characters on the local data mirror through lm-eval's own request builder; tokens =
+  characters / 3.0, an assumed lower bound on characters per token (measured 3.75-5.0
+  with the SmolLM2 and Gemma-3 tokenizers on those requests; Llama-2's 32k vocabulary
+  is less efficient than either, hence the margin); capped at lm-eval's ``max_length``
+  (``max_position_embeddings``). Unmeasured (task, shots) use that cap, and so does
+  GSM8K: its longest 5-shot prompt (5,085 characters) is 1,663 SmolLM2 tokens, 3.06
+  characters per token (digits are one token each), too close to the bound to rely on.
 * Attention: SDPA (transformers' default) keeps O(T) memory (flash / memory-efficient
   kernels; only the bool mask is T x T), using GQA natively when there is no mask;
   Gemma-2 runs eager attention (``_supports_sdpa = False``), which materialises
@@ -54,12 +68,20 @@ over-estimated by up to 4 bytes per LoRA input element). The backward transient 
 block is bounded by that block's saved tensors (an assumption). Against torch's own
 CPU memory profiler (peak live tensor bytes, ``tests/core/test_memory.py`` and a
 one-off run at this commit) on the bundled models: a SmolLM2 bf16 LoRA step +2%
-(no checkpointing) and +4% (checkpointing) over measured; an lm-eval forward with
-its KV cache and log-softmax exact; (fp32 inference) the C4 loss +11% (SmolLM2) and +20% (Gemma-3);
-the angular profile forward -10% / -17% (the only terms found *under*, and small
-next to the weights); the block_influence profile +24%. Not measured on a GPU (none
-was available): CUDA kernels' workspaces, cuBLAS, and the context are the 1 GiB +
-5% assumption, and the evaluation term rests on the longest-prompt estimate. Treat a
+(no checkpointing) and +4% (checkpointing) over measured; (fp32 inference) the C4 loss
++11% (SmolLM2) and +20% (Gemma-3); the angular profile forward -10% / -17% (the only
+terms found *under*, and small next to the weights); the block_influence profile +24%.
+The evaluation's scorer (SmolLM2 fp32, batch 4, few-shot prompts whose exemplars two
+questions share): +24% with one-token answers, +5% with 64-token endings. It is over
+because it adds a full-width forward on top of every cache, which the scorer never
+holds together (one block's widest point is 0.55 of a token's keys and values across
+SmolLM2's layers, 0.17 on Llama-2-7B), and, where no contexts share a prefix, the
+prefixes' cache it reserves is not built (+35% on 192-token contexts with four endings
+of 16-64 tokens, one-off). Generation (``model.generate``, batch 2 x 128 context tokens
++ 8 generated): +0%; +12% with 32 generated, as the cache of the generated tokens is
+added to the prefill's transient, which peaks before them (one-off). Not measured on
+a GPU (none was available): CUDA kernels' workspaces, cuBLAS, and the context are the
+1 GiB + 5% assumption, and the evaluation term rests on the longest-prompt estimate. Treat a
 stage within ~10% of the GPU as "might not fit" (:data:`HEADROOM`). Units: GiB
 (2^30 bytes); an "80 GB" A100/H100 has 80 GiB.
 """
@@ -67,13 +89,14 @@ stage within ~10% of the GPU as "might not fit" (:data:`HEADROOM`). Units: GiB
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.evaluation.config import EvalConfig
+from ray_prune.core.evaluation.tasks import TASKS
 from ray_prune.core.heal.config import HealConfig
-from ray_prune.core.memory_arch import Arch, Linear, dtype_bytes, nf4_bytes, param_count
+from ray_prune.core.memory.arch import Arch, Linear, dtype_bytes, nf4_bytes, param_count
 
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 * GIB  # per GPU; assumed (see the module docstring)
@@ -93,6 +116,18 @@ TASK_LONGEST_CHARS: dict[tuple[str, int], int] = {
     ("winogrande", 5): 790,  # 167 / 160
     ("piqa", 0): 1106,  # 242 / 238
 }
+# Longest continuation of each task's loglikelihood requests, in characters (SmolLM2 tokens in the comments),
+# measured the same way; the scorer computes logits at these positions only. Tasks whose continuations are all
+# one token with every seed tokenizer (answer letters, " yes" / " no") score one position per context.
+TASK_LONGEST_CONTINUATION_CHARS: dict[str, int] = {
+    "arc_challenge": 193,  # 45
+    "arc_easy": 138,  # 27
+    "hellaswag": 411,  # 77
+    "winogrande": 100,  # 17
+    "piqa": 1065,  # 231
+}
+ONE_TOKEN_CONTINUATIONS = frozenset({"mmlu", "boolq"})
+LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's HFLM.max_gen_toks: what a generate_until task without its own cap generates
 
 
 # --------------------------------------------------------------------------- the workload
@@ -120,15 +155,24 @@ class Workload:
         trained = self.eval_precision == "trained" and self.heals
         return "nf4" if trained and any(h.quantize == "nf4" for h in self.heal) else "auto"
 
+    def request_tokens(self, arch: Arch, task: tuple[str, int]) -> int:
+        """Tokens of the longest lm-eval request of one (task, shots), capped at lm-eval's max_length (see the
+        module docstring); the cap where that (task, shots) was not measured."""
+        chars = TASK_LONGEST_CHARS.get(task)
+        return arch.max_length if chars is None else min(math.ceil(chars / CHARS_PER_TOKEN) + 1, arch.max_length)
+
     def eval_context(self, arch: Arch) -> int:
-        """Tokens of the longest lm-eval request (see the module docstring), capped at lm-eval's max_length."""
-        if not self.tasks:
-            return 0
-        longest = 0
-        for task in self.tasks:
-            chars = TASK_LONGEST_CHARS.get(task)
-            longest = max(longest, arch.max_length if chars is None else math.ceil(chars / CHARS_PER_TOKEN) + 1)
-        return min(longest, arch.max_length)
+        """Tokens of the longest lm-eval request of any task evaluated (0 without tasks)."""
+        return max((self.request_tokens(arch, task) for task in self.tasks), default=0)
+
+
+def continuation_tokens(task: str, row: int) -> int:
+    """Positions the scorer scores in a row of ``row`` tokens of ``task``: its longest continuation, or the whole
+    row where the task's continuations were not measured."""
+    if task in ONE_TOKEN_CONTINUATIONS:
+        return 1
+    chars = TASK_LONGEST_CONTINUATION_CHARS.get(task)
+    return row if chars is None else min(math.ceil(chars / CHARS_PER_TOKEN), row)
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -198,7 +242,8 @@ def weight_terms(arch: Arch, layers: int, precision: str, compute: str = "auto",
                  "kept in the compute dtype" if precision == "nf4" else "")]
 
 
-def _sum(terms: Iterable[Term]) -> int:
+def total_bytes(terms: Iterable[Term]) -> int:
+    """Bytes of some terms together, each in full (per-layer terms not split)."""
     return sum(t.bytes for t in terms)
 
 
@@ -263,7 +308,7 @@ def _loss_batch(batch: int, seq_len: int, vocab: int) -> int:
     return max(1, min(batch, LOGITS_BUDGET // (seq_len * vocab)))
 
 
-def _next_token_loss_bytes(arch: Arch, c: int, batch: int, seq_len: int) -> tuple[int, str]:
+def next_token_loss_bytes(arch: Arch, c: int, batch: int, seq_len: int) -> tuple[int, str]:
     """Peak of ``next_token_loss`` over its weights: a forward, the capped logits and one row's fp32 cross-entropy."""
     b = _loss_batch(batch, seq_len, arch.vocab)
     logits = b * seq_len * arch.vocab * c * (2 if arch.final_softcap else 1)
@@ -273,50 +318,92 @@ def _next_token_loss_bytes(arch: Arch, c: int, batch: int, seq_len: int) -> tupl
     return max(fwd, logits + per_row), f"{b} x {seq_len} tokens per forward"
 
 
-def _lm_eval_bytes(arch: Arch, c: int, layers: int, batch: int, context: int) -> tuple[int, int, str]:
-    """(KV cache, other) of an lm-eval loglikelihood batch: the forward ends holding every layer's K/V and the
-    logits; log_softmax then holds logits and log-probabilities (in the model dtype).
+def scoring_bytes(arch: Arch, c: int, layers: int, batch: int, row: int, scored: int) -> tuple[int, int, str]:
+    """(KV caches, everything else) of ``core.evaluation.loglikelihood.score_continuations`` on one batch of
+    ``batch`` rows of up to ``row`` tokens, ``scored`` positions scored per row.
 
-    This is lm-eval's own HF path (measured in tests/core/test_memory.py). ``core.evaluation.loglikelihood``,
-    which the harness uses, builds no cache and computes logits only at scored positions, so for it this is an
-    upper bound: the plan errs on the side of fitting."""
-    tokens = batch * context
-    kv_cache = layers * 2 * tokens * arch.kv_heads * arch.head_dim * c
-    logits = tokens * arch.vocab * c
-    fwd_end = max(inference_layer_bytes(arch, tokens, c, context, False),
-                  logits * (2 if arch.final_softcap else 1) + 2 * tokens * arch.hidden * c)
-    return kv_cache, max(fwd_end, 2 * logits - kv_cache), f"batch {batch} x {context} tokens"
+    The scorer runs a prefix that several contexts share once and keeps its cache while those contexts run
+    against it; a context with several continuation rows keeps its own cache while the rows run against it
+    (each forward gathers its past into a fresh cache). So up to three caches are alive at once, the prefixes',
+    the contexts' and the rows', each at most ``batch x row`` tokens of every layer; one-token continuations
+    (answer letters) share one row per context, so the third never exists for them. A forward: one block at
+    its widest point over ``batch x row`` tokens with an explicit mask (a row that continues a cached past
+    attends through one, and SDPA then repeats grouped keys and values to every head), plus that mask. Then the
+    LM head on the scored positions only (``logits_to_keep``) and their log-softmax in fp32; continuation rows
+    run while the log-probabilities of their context's row are still held.
+    """
+    tokens = batch * row
+    caches = 2 if scored == 1 else 3  # the prefixes', the contexts' and, with several rows per context, the rows'
+    kv = caches * layers * 2 * tokens * arch.kv_heads * arch.head_dim * c
+    forward = inference_layer_bytes(arch, tokens, c, row, True) + tokens * row * (c if arch.eager else 1)
+    positions = batch * scored
+    logits = positions * arch.vocab
+    head = (tokens + positions) * arch.hidden * c + logits * c * (2 if arch.final_softcap else 1)
+    log_softmax = logits * (c + (4 if c != 4 else 0) + 4)  # the logits, their fp32 copy, the log-probabilities
+    held = logits * 4 if scored > 1 else 0
+    return kv, max(forward, head, held + log_softmax), f"batch {batch} x {row} tokens, {positions} scored, " \
+        f"{caches} caches"
+
+
+def generation_bytes(arch: Arch, c: int, layers: int, batch: int, context: int, generated: int) -> tuple[int, int, str]:
+    """(KV cache, everything else) of one lm-eval ``generate_until`` batch: ``model.generate`` with its cache.
+
+    lm-eval cuts each context to ``max_length - generated`` tokens, pads the batch on the left (an attention
+    mask) and generates up to ``generated`` tokens, so the cache ends holding ``batch x (context + generated)``
+    tokens of every layer. Before it: the prefill forward over the contexts (one block at its widest point, with
+    the mask). While decoding, a step's ``torch.cat`` holds one layer's keys and values twice, and ``generate``
+    keeps the last position's logits only (``logits_to_keep=1``) with an fp32 copy.
+    """
+    generated = min(generated, arch.max_length - 1)
+    prompt = max(1, min(context, arch.max_length - generated))
+    per_token = 2 * arch.kv_heads * arch.head_dim * c  # one layer's key and value
+    kv = layers * batch * (prompt + generated) * per_token
+    prefill = inference_layer_bytes(arch, batch * prompt, c, prompt, True) + \
+        batch * prompt * prompt * (c if arch.eager else 1)
+    step = batch * (prompt + generated) * per_token + batch * arch.vocab * (c + 8)
+    return kv, max(prefill, step), f"batch {batch} x ({prompt} + {generated} generated) tokens"
+
+
+def generates(task: str) -> bool:
+    """Whether lm-eval runs ``task`` as ``generate_until`` (its registry spec's ``output_type``)."""
+    # getattr: TaskSpec.output_type is being added beside this change; a registry without it has no generative task
+    return getattr(TASKS[task], "output_type", "multiple_choice") == "generate_until"
 
 
 def eval_terms(arch: Arch, w: Workload, c: int, layers: int) -> list[Term]:
-    """``trial.run_evaluation``: the lm-eval tasks, then the C4 loss; the larger of the two peaks."""
-    out: list[Term] = []
-    context = w.eval_context(arch)
-    lm = (0, 0, "")
-    if context:
-        lm = _lm_eval_bytes(arch, c, layers, w.evaluation.batch_size, context)
-    c4 = (0, "")
+    """``trial.run_evaluation``: each lm-eval task in turn (scored or generated), then the C4 loss; the largest
+    of their peaks (each frees its tensors before the next)."""
+    batch = w.evaluation.batch_size
+    # getattr: EvalConfig.max_gen_toks is being added beside this change; None (or no such setting): lm-eval's cap
+    generated = getattr(w.evaluation, "max_gen_toks", None) or LM_EVAL_MAX_GEN_TOKS
+    options: list[list[Term]] = []
+    for name, shots in w.tasks:
+        row = w.request_tokens(arch, (name, shots))
+        if generates(name):
+            kv, other, how = generation_bytes(arch, c, layers, batch, row, generated)
+            options.append([Term(f"eval: KV cache ({name}, generation)", kv, True, how),
+                            Term(f"eval: prefill and decoding ({name})", other, False, how)])
+        else:
+            kv, other, how = scoring_bytes(arch, c, layers, batch, row, continuation_tokens(name, row))
+            options.append([Term(f"eval: KV caches ({name}, shared contexts)", kv, True, how),
+                            Term(f"eval: forward and scored logits ({name})", other, False, how)])
     if w.evaluation.c4_sequences:
-        c4 = _next_token_loss_bytes(arch, c, w.evaluation.batch_size, w.evaluation.seq_len)
-    if lm[0] + lm[1] >= c4[0]:
-        out.append(Term("eval: KV cache (lm-eval forward, use_cache)", lm[0], True, lm[2]))
-        out.append(Term("eval: logits and activations (lm-eval)", lm[1], False, lm[2]))
-    else:
-        out.append(Term("eval: C4 loss logits and activations", c4[0], False, c4[1]))
-    return out
+        loss, how = next_token_loss_bytes(arch, c, batch, w.evaluation.seq_len)
+        options.append([Term("eval: C4 loss logits and activations", loss, False, how)])
+    return max(options, key=total_bytes) if options else []
 
 
 def profile_terms(arch: Arch, w: Workload, c: int) -> list[Term]:
     """``core.profile.profile``: a decoder forward plus the captured unit vectors of every stream."""
     B, T, L, H = w.calibration.batch_size, w.calibration.max_length, arch.layers, arch.hidden
     tokens = B * T
-    rows = B if w.calibration.metric == "angular" else tokens  # angular keeps each sample's last token, others every token
+    rows = B if w.calibration.metric == "angular" else tokens  # angular: each sample's last token; others: every token
     vectors = (L + 1) * rows * H * 4
     gram = rows * (L + 1) ** 2 * 4
     fwd = inference_layer_bytes(arch, tokens, c, T, True) + B * T * T * (c if arch.eager else 1)
     peak = max(vectors + fwd, 2 * vectors + 2 * gram)
-    return [Term("profile: forward and captured streams", peak, False,
-                 f"batch {B} x {T}, {w.calibration.metric}: {(vectors + gram) / GIB:.2f} GiB of vectors and Gram products")]
+    return [Term("profile: forward and captured streams", peak, False, f"batch {B} x {T}, {w.calibration.metric}: "
+                 f"{(vectors + gram) / GIB:.2f} GiB of vectors and Gram products")]
 
 
 def heal_terms(arch: Arch, config: HealConfig, layers: int, c: int) -> list[Term]:
@@ -347,8 +434,8 @@ def heal_terms(arch: Arch, config: HealConfig, layers: int, c: int) -> list[Term
     if config.quantize == "nf4":
         largest = max(param_count(arch).linear_sizes)
         out.append(Term("NF4 dequantized weight (transient)", largest * c, False, "the largest linear, compute dtype"))
-    val, how = _next_token_loss_bytes(arch, c, B, T)
-    train_act = _sum(out[1:])
+    val, how = next_token_loss_bytes(arch, c, B, T)
+    train_act = total_bytes(out[1:])
     if val - 4 * P > train_act:  # between steps, the grads are freed (zero_grad(set_to_none=True))
         out[1:] = [Term("validation loss (no grad)", val - 4 * P, False, how)]
     return out
