@@ -37,8 +37,8 @@ def heal_step_seconds(pruned, tok, args) -> float:
 
     from ray_prune.core.data import load_texts
     from ray_prune.core.heal.config import HealConfig
-    from ray_prune.core.heal.lora import prepare_for_healing
     from ray_prune.core.heal.loop import heal
+    from ray_prune.core.heal.lora import prepare_for_healing
     from ray_prune.core.packing import pack_texts
 
     config = HealConfig(steps=args.heal_steps, batch_size=args.heal_batch, seq_len=args.heal_seq_len,
@@ -64,6 +64,68 @@ def variants(model_type: str) -> list[tuple[str, dict]]:
             for form in forms for skip in (False, True)]
 
 
+def measure(name: str, texts: list[str], args) -> tuple[list[str], list[str], list[str]]:
+    """One model's cost rows, C4-loss rows and refusals."""
+    from ray_prune.core.architecture import family_of
+    from ray_prune.core.loss import c4_blocks, c4_loss
+    from ray_prune.core.models import load_model
+    from ray_prune.core.packing import pack_texts
+    from ray_prune.core.profile import profile
+    from ray_prune.core.prune import prune_layers
+    from ray_prune.core.repair import check_linear_repair, linear_repair
+    from ray_prune.core.select import layers_to_remove, n_from_fraction
+    from ray_prune.errors import UserError
+
+    model, tok = load_model(name, dtype="fp32")
+    model_type, _ = family_of(model)
+    L = model.config.num_hidden_layers
+    blocks = pack_texts(texts, tok, args.seq_len, max_blocks=args.blocks)
+    if blocks.shape[0] < args.blocks:
+        raise SystemExit(f"only {blocks.shape[0]} blocks of calibration text")
+    docs = tok.batch_decode(blocks, skip_special_tokens=True)
+    kept = {}
+
+    def run_profile():
+        kept["table"] = profile(model, tok, docs, batch_size=args.batch_size, max_length=args.seq_len, progress=False)
+
+    t_profile = median_seconds(run_profile, args.repeats)
+    remove = layers_to_remove("similarity", L, n_from_fraction(args.fraction, L), table=kept["table"])
+    test = c4_blocks(tok, args.c4_blocks, args.c4_seq_len)
+
+    def c4(m) -> float:
+        return c4_loss(m, tok, blocks=test, num_sequences=len(test), batch_size=4)["loss"]
+
+    full_loss = c4(model)
+    plain = prune_layers(model, remove, inplace=False)
+    plain_loss = c4(plain)
+    step = heal_step_seconds(plain, tok, args)
+    del plain
+    paper_heal = step / (args.heal_batch * args.heal_seq_len) * PAPER_HEAL_TOKENS
+    refusals = []
+    try:
+        check_linear_repair(model.config, "full")
+    except UserError as e:
+        refusals.append(f"- {name}: `full` refused: {e.problem}")
+    cost_rows, loss_rows = [], []
+    for label, kw in variants(model_type):
+        repaired = copy.deepcopy(model)
+        t = time.perf_counter()
+        report = linear_repair(repaired, remove, blocks, batch_size=args.batch_size, **kw)
+        t_linear = time.perf_counter() - t
+        loss = c4(repaired)
+        del repaired
+        gc.collect()
+        fit = report.runs[0] if len(report.runs) == 1 else None
+        errors = f"{fit.plain_error:.3g} -> {fit.fit_error:.3g}" if fit else "several runs"
+        cost_rows.append(f"| {name} | {label} | {report.tokens} | {t_profile:.2f} | {t_linear:.2f} | "
+                         f"**{t_linear / t_profile:.2f}x** | {step:.2f} | {paper_heal / 3600:.1f} h | "
+                         f"**{paper_heal / t_linear:.0f}x** | {step / t_linear:.2f}x |")
+        loss_rows.append(f"| {name} | {remove[0]}..{remove[-1]} ({len(remove)}/{L}) | {label} | {full_loss:.3f} | "
+                         f"{plain_loss:.3f} | **{loss:.3f}** | {loss - plain_loss:+.3f} | {errors} |")
+        print(cost_rows[-1].replace("**", ""), flush=True)
+    return cost_rows, loss_rows, refusals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -80,16 +142,7 @@ def main() -> None:
     ap.add_argument("--c4-seq-len", type=int, default=256)
     args = ap.parse_args()
 
-    from ray_prune.core.architecture import family_of
     from ray_prune.core.data import load_texts
-    from ray_prune.core.loss import c4_blocks, c4_loss
-    from ray_prune.core.models import load_model
-    from ray_prune.core.packing import pack_texts
-    from ray_prune.core.profile import profile
-    from ray_prune.core.prune import prune_layers
-    from ray_prune.core.repair import check_linear_repair, linear_repair
-    from ray_prune.core.select import layers_to_remove, n_from_fraction
-    from ray_prune.errors import UserError
 
     texts = load_texts("calibration", 4 * args.blocks + 32)
     print(f"# Linear repair: cost and C4 loss ({device_tag()})\n\n{machine()}; fp32; {args.fraction:.0%} of the layers "
@@ -100,50 +153,10 @@ def main() -> None:
           f"{args.repeats}, the rest one run each\n")
     cost_rows, loss_rows, refusals = [], [], []
     for name in args.models:
-        model, tok = load_model(name, dtype="fp32")
-        model_type, _ = family_of(model)
-        L = model.config.num_hidden_layers
-        blocks = pack_texts(texts, tok, args.seq_len, max_blocks=args.blocks)
-        if blocks.shape[0] < args.blocks:
-            raise SystemExit(f"only {blocks.shape[0]} blocks of calibration text")
-        docs = tok.batch_decode(blocks, skip_special_tokens=True)
-        kept = {}
-
-        def run_profile():
-            kept["table"] = profile(model, tok, docs, batch_size=args.batch_size, max_length=args.seq_len,
-                                    progress=False)
-
-        t_profile = median_seconds(run_profile, args.repeats)
-        remove = layers_to_remove("similarity", L, n_from_fraction(args.fraction, L), table=kept["table"])
-        test = c4_blocks(tok, args.c4_blocks, args.c4_seq_len)
-        c4 = lambda m: c4_loss(m, tok, blocks=test, num_sequences=len(test), batch_size=4)["loss"]  # noqa: E731
-        full_loss = c4(model)
-        plain = prune_layers(model, remove, inplace=False)
-        plain_loss = c4(plain)
-        step = heal_step_seconds(plain, tok, args)
-        del plain
-        paper_heal = step / (args.heal_batch * args.heal_seq_len) * PAPER_HEAL_TOKENS
-        try:
-            check_linear_repair(model.config, "full")
-        except UserError as e:
-            refusals.append(f"- {name}: `full` refused: {e.problem}")
-        for label, kw in variants(model_type):
-            repaired = copy.deepcopy(model)
-            t = time.perf_counter()
-            report = linear_repair(repaired, remove, blocks, batch_size=args.batch_size, **kw)
-            t_linear = time.perf_counter() - t
-            loss = c4(repaired)
-            del repaired
-            gc.collect()
-            (fit,) = report.runs if len(report.runs) == 1 else (None,)
-            errors = f"{fit.plain_error:.3g} -> {fit.fit_error:.3g}" if fit else "several runs"
-            cost_rows.append(f"| {name} | {label} | {report.tokens} | {t_profile:.2f} | {t_linear:.2f} | "
-                             f"**{t_linear / t_profile:.2f}x** | {step:.2f} | {paper_heal / 3600:.1f} h | "
-                             f"**{paper_heal / t_linear:.0f}x** | {step / t_linear:.2f}x |")
-            loss_rows.append(f"| {name} | {remove[0]}..{remove[-1]} ({len(remove)}/{L}) | {label} | {full_loss:.3f} | "
-                             f"{plain_loss:.3f} | **{loss:.3f}** | {loss - plain_loss:+.3f} | {errors} |")
-            print(cost_rows[-1].replace("**", ""), flush=True)
-        del model
+        cost, loss, refused = measure(name, texts, args)
+        cost_rows += cost
+        loss_rows += loss
+        refusals += refused
         gc.collect()
 
     print("\n## Cost\n")

@@ -161,7 +161,7 @@ def _fold_site(model: nn.Module, layers: nn.ModuleList, start: int, form: str) -
         emb, out = model.get_input_embeddings(), model.get_output_embeddings()
         if out is not None and out.weight is emb.weight:
             check_linear_repair(model.config, form, [0])  # raises: the embedding is the LM head too
-        return "input embedding", emb, "embedding"
+        return next(n for n, m in model.named_modules() if m is emb), emb, "embedding"
     layer = layers[start - 1]
     prefix = f"{fam.layers_path}.{start - 1}."
     if model_type in POST_FFN_NORM:

@@ -12,8 +12,12 @@ DuckDB, Polars and Ray Data read directly. Columns come from their owners:
   that chose them (``ledger.tables``);
 - ``<task>_<metric>``, ``<task>_<metric>_stderr``, ``<task>_n``, ``<task>_shots``: one set per task of
   the registry (``core/evaluation/tasks.py``) and per metric its YAML lists;
+- ``<task>_config_hash``, ``<task>_metric``: one pair per task of the registry, and the provenance columns
+  (``code_version``, library versions, evaluation batch size, seed and generation cap, ``quantization``,
+  ``device_name``): what :func:`~ray_prune.core.provenance.eval_provenance` returns (``core/provenance.py`` says
+  what each means); :data:`PROVENANCE_COLUMNS` lists every column two compared rows should agree on;
 - ``c4_*``: what :func:`~ray_prune.core.loss.c4_loss` returns;
-- heal progress, the heal curve (one list entry per evaluation), cost and provenance: declared here.
+- heal progress, the heal curve (one list entry per evaluation) and cost: declared here.
 
 Statuses: ``finished`` (the stage ran to the end), ``stopped`` (ASHA stopped the heal early: a result,
 with its curve), ``failed`` (every retry failed; ``error`` says why).
@@ -29,6 +33,7 @@ import pyarrow as pa
 from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.evaluation.tasks import TASKS
 from ray_prune.core.heal.config import HealConfig
+from ray_prune.core.provenance import FIELDS, TASK_FIELDS, task_field
 
 STAGES = ("baseline", "unhealed", "healed")
 STATUSES = ("finished", "stopped", "failed")
@@ -44,7 +49,7 @@ _IDENTITY = [
     ("eval_precision", pa.string()),  # what was scored: "nf4+fp32" (NF4 base computing in fp32), "bf16", ...
 ]
 _PROGRESS = [
-    ("seed", pa.int64()), ("code_version", pa.string()), ("loss_ratio", pa.float64()),
+    ("seed", pa.int64()), ("loss_ratio", pa.float64()),
     ("heal_val_loss", pa.float64()), ("steps_done", pa.int64()), ("tokens_seen", pa.int64()),
     ("resumed_from_step", pa.int64()), ("attempts", pa.int64()),
     ("curve_step", pa.list_(pa.int64())), ("curve_val_loss", pa.list_(pa.float64())),
@@ -103,14 +108,24 @@ def _metric_fields() -> list[tuple[str, pa.DataType]]:
     out: list[tuple[str, pa.DataType]] = []
     for name, spec in TASKS.items():
         for metric in spec.metrics:
-            out += [(metric_column(name, metric), pa.float64()), (f"{metric_column(name, metric)}_stderr", pa.float64())]
+            column = metric_column(name, metric)
+            out += [(column, pa.float64()), (f"{column}_stderr", pa.float64())]
         out += [(f"{name}_n", pa.int64()), (f"{name}_shots", pa.int64())]
+        out += [(task_field(name, f), _arrow_type(t)) for f, t in TASK_FIELDS.items()]
     return out + [(f"c4_{k}", t) for k, t in C4_FIELDS.items()]
 
 
+def _provenance_fields() -> list[tuple[str, pa.DataType]]:
+    return [(name, _arrow_type(t)) for name, t in FIELDS.items()]
+
+
 ROW_SCHEMA: pa.Schema = pa.schema(_IDENTITY + _heal_fields() + _calibration_fields() + _PROGRESS + _metric_fields()
-                                  + _COST)
+                                  + _provenance_fields() + _COST)
 COLUMNS: tuple[str, ...] = tuple(ROW_SCHEMA.names)
+# What two rows that are compared should agree on: the provenance, the precision scored, and per task its shots.
+PROVENANCE_COLUMNS: tuple[str, ...] = tuple(FIELDS) + ("eval_precision",)
+TASK_PROVENANCE_COLUMNS: dict[str, tuple[str, ...]] = {
+    name: (f"{name}_shots", *(task_field(name, f) for f in TASK_FIELDS)) for name in TASKS}
 
 
 def flatten_metrics(scores: dict[str, Any]) -> dict[str, Any]:

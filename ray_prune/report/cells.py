@@ -96,9 +96,21 @@ def cell_status(df: pd.DataFrame, expected: pd.DataFrame | None, tables: Iterabl
 
 
 def load_tables(storage: Storage | str) -> dict[str, Any]:
-    """Every distance table under ``<storage>/tables/`` that reads (``ledger.tables``), keyed by model id."""
+    """Every distance table under ``<storage>/tables/`` that reads (``ledger.tables``), keyed by model id; where a
+    model has several (an experiment with several calibration settings), by ``model [setting]``."""
     tables = read_distance_tables(storage if isinstance(storage, Storage) else Storage(storage))
-    return {t.model_id: t for t in tables}
+    per_model: dict[str, int] = {}
+    for t in tables:
+        per_model[t.model_id] = per_model.get(t.model_id, 0) + 1
+    return {(t.model_id if per_model[t.model_id] == 1 else f"{t.model_id} [{calibration_label(t)}]"): t
+            for t in tables}
+
+
+def calibration_label(table) -> str:
+    """The calibration setting a table was made with, in a few words (``c4, angular, 128 x 1024``)."""
+    cal = table.extra.get("calibration") or {}
+    dataset = cal.get("dataset", "?")
+    return f"{dataset}, {table.metric}, {table.samples} x {table.max_length}"
 
 
 def remote_code_models(record: Mapping[str, Any] | None, df: pd.DataFrame) -> list[str]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import html
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
 from ray_prune.report.frames import metric_label
+from ray_prune.report.status import ProvenanceCheck
 from ray_prune.report.style import percent
 
 TEMPLATE = Path(__file__).with_name("template.html")
@@ -118,6 +120,27 @@ def _evidence(sizes: Mapping[str, int], threshold: int) -> str:
     return "\n".join(out)
 
 
+def _provenance_notices(check: ProvenanceCheck) -> str:
+    """Before the figures: each field in which rows that are compared differ, and the rows whose provenance is
+    unknown (said once)."""
+    out = []
+    if check.warnings:
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in check.warnings)
+        out.append("<div class='warn'><p><b>Rows that are compared were computed differently</b> (see "
+                   f"<a href='#provenance'>Provenance</a>); their differences may be the setup's, not the pruning's:"
+                   f"</p><ul>{items}</ul></div>")
+    if check.unknown:
+        out.append(f"<p class='meta'>{html.escape(check.unknown[0].upper() + check.unknown[1:])}.</p>")
+    return "\n".join(out)
+
+
+def _provenance_table(check: ProvenanceCheck) -> str:
+    """Each field once where every row that records it agrees; one line per value, marked, where rows differ."""
+    if check.table.empty:
+        return "<p class='empty'>No finished row records its provenance.</p>"
+    return _html_table(check.table.assign(differs=check.table["differs"].map(lambda d: "differs" if d else "")))
+
+
 def _figures(section: str, figures: Sequence[tuple[str, str, str]]) -> str:
     """The figures of one section (``figures``: (section, file, caption HTML)), or its empty message."""
     blocks = [f"<figure><img src='{html.escape(name)}' alt='{html.escape(name)}'>"
@@ -130,13 +153,16 @@ def render(*, title: str, uri: str, n_rows: int, has_record: bool, remote: Seque
            foreign: Sequence[str],
            figures: Sequence[tuple[str, str, str]], status: pd.DataFrame, missing: pd.DataFrame,
            safe: pd.DataFrame, cost: pd.DataFrame, labels: Mapping[str, str], sizes: Mapping[str, int] | None = None,
-           threshold: int = 100) -> str:
-    """The whole page. ``figures``: (section, file name, caption HTML) in the order they are shown."""
+           provenance: ProvenanceCheck, threshold: int = 100) -> str:
+    """The whole page. ``figures``: (section, file name, caption HTML) in the order they are shown;
+    ``provenance``: what the rows were computed with (:func:`~ray_prune.report.status.check_provenance`)."""
     hours = {c: _fmt_hours for c in ("gpu_hours", "cpu_hours")}
     return Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         title=html.escape(str(title)), uri=html.escape(uri), rows=n_rows,
         generated=html.escape(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        notices=_notices(has_record, remote, corrupt, foreign) + _evidence(sizes or {}, threshold),
+        notices=_notices(has_record, remote, corrupt, foreign) + _evidence(sizes or {}, threshold)
+        + _provenance_notices(provenance),
+        provenance_table=_provenance_table(provenance),
         status_table=_html_table(status, labels=labels),
         missing_table=_html_table(missing.drop(columns=["seed"]), labels=labels),
         safe_table=_html_table(_safe_display(safe), labels=labels),

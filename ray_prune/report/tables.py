@@ -4,7 +4,7 @@ sweep cost (:func:`cost_table`)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -265,3 +265,31 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
             if len(part):
                 out.append(_summary_row(model, stage, part))
     return pd.DataFrame(out, columns=COST_COLUMNS)
+
+
+CALIBRATION_COLUMNS = ["model", "n", "setting", "l_star", "removed", "differs"]
+
+
+def calibration_differences(tables: Mapping[str, Any]) -> pd.DataFrame:
+    """For models profiled under several calibration settings: per n, each setting's l*(n) and the block it
+    removes, and whether that block differs from the first setting's (the study that finds the calibration data
+    moves the choice more than the rule does asks exactly this)."""
+    from ray_prune.core.select import best_start
+
+    by_model: dict[str, list[tuple[str, Any]]] = {}
+    for label, table in tables.items():
+        by_model.setdefault(table.model_id, []).append((label, table))
+    rows = []
+    for model, entries in sorted(by_model.items()):
+        if len(entries) < 2:
+            continue
+        first_label, first = entries[0]
+        for n in range(1, first.num_layers):
+            reference = best_start(first, n)
+            for label, table in entries:
+                if table.num_layers != first.num_layers:
+                    continue
+                start = best_start(table, n)
+                rows.append({"model": model, "n": n, "setting": label, "l_star": start,
+                             "removed": f"{start}-{start + n - 1}", "differs": start != reference})
+    return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)

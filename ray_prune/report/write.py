@@ -5,8 +5,9 @@ from __future__ import annotations
 import html
 import json
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,13 +24,14 @@ from ray_prune.report.figures.lstar import plot_lstar
 from ray_prune.report.figures.scores import loss_layout, plot_loss, plot_metric
 from ray_prune.report.frames import available_metrics, has_values, metric_label
 from ray_prune.report.page import is_report, render
-from ray_prune.report.status import MEASUREMENT_QUESTIONS, task_sizes
-from ray_prune.report.style import DPI, style_context, model_colors, model_labels, short_name
+from ray_prune.report.status import MEASUREMENT_QUESTIONS, check_provenance, task_sizes
+from ray_prune.report.style import DPI, model_colors, model_labels, short_name, style_context
 from ray_prune.report.tables import cost_table, safe_fractions
 
 # Every file a report writes: a rerun into the same folder removes them first, so none goes stale.
 FIGURE_FILES = ("distance_*.png", "metric_*.png", "lstar.png", "loss.png", "heal_curves.png")
-CSV_FILES = ("cell_status.csv", "missing_cells.csv", "safe_fractions.csv", "cost.csv", "results.csv")
+CSV_FILES = ("cell_status.csv", "missing_cells.csv", "safe_fractions.csv", "cost.csv", "results.csv",
+             "provenance.csv")
 
 
 def _clean_previous(out: Path) -> None:
@@ -153,9 +155,10 @@ def write_report(storage: str, out: str | None = None) -> Path:
     _distance_figures(figs, tables, labels, colors)
     _result_figures(figs, df, expected, metrics, colors)
 
+    provenance = check_provenance(df)
     csvs = dict(zip(CSV_FILES, (cell_status(df, expected, tables), missing_cells(df, expected),
                                 safe_fractions(df, metrics=metrics, expected=expected), cost_table(df),
-                                _csv_frame(df))))
+                                _csv_frame(df), provenance.table)))
     for name, frame in csvs.items():
         frame.to_csv(out_dir / name, index=False)
     doc = render(title=record["name"] if record else Path(store.root).name, uri=store.uri, n_rows=len(df),
@@ -164,7 +167,7 @@ def write_report(storage: str, out: str | None = None) -> Path:
                  figures=figs.files,
                  status=csvs["cell_status.csv"], missing=csvs["missing_cells.csv"],
                  safe=csvs["safe_fractions.csv"], cost=csvs["cost.csv"], labels=labels, sizes=task_sizes(df),
-                 threshold=MEASUREMENT_QUESTIONS)
+                 threshold=MEASUREMENT_QUESTIONS, provenance=provenance)
     return write_text(out_dir / "index.html", doc)
 
 

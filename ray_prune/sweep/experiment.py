@@ -14,18 +14,20 @@ datasets come from the core modules that define them.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_prune.core import dtypes
 from ray_prune.core.data import TEXT_SOURCES
 from ray_prune.core.select import PLANNED_STRATEGIES
 from ray_prune.errors import UserError
-from ray_prune.sweep.sections import CalibrationSection, EvalSection, HealSection, check_model_heal
+from ray_prune.sweep.sections import (CalibrationSection, EvalSection, HealSection, check_model_heal,
+                                     fraction_settings)
 
 Strict = ConfigDict(extra="forbid", frozen=True)
 MAX_FILE_BYTES = 1 << 20  # the largest shipped experiment is under 2 KB; a megabyte is a grid no one typed
@@ -99,7 +101,9 @@ class Experiment(_Strict):
     storage: str | None = None
     data_dir: str | None = None
     models: list[ModelSpec] = Field(min_length=1)
-    calibration: CalibrationSection = CalibrationSection()
+    calibration: Union[CalibrationSection, list[CalibrationSection]] = Field(
+        CalibrationSection(), description="one calibration setting, or a list of them: each model is profiled once "
+        "per setting, and the setting is part of the identity of every cell whose layers it chooses")
     fractions: Union[list[float], FractionRange]
     strategies: list[_choice(PLANNED_STRATEGIES)] = Field(list(PLANNED_STRATEGIES), min_length=1)
     heal: HealSection = HealSection()
@@ -131,8 +135,55 @@ class Experiment(_Strict):
         values = self.fractions.values() if isinstance(self.fractions, FractionRange) else list(self.fractions)
         return sorted(set(values))
 
-    def heal_points(self, model: ModelSpec) -> list[dict[str, Any]]:
-        return self.heal.points(model.heal)
+    @field_validator("calibration")
+    @classmethod
+    def _calibrations(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("the list of calibration settings is empty")
+            dumps = [c.model_dump() for c in v]
+            if len({json.dumps(d, sort_keys=True) for d in dumps}) < len(dumps):
+                raise ValueError("two calibration settings are the same")
+        return v
+
+    @model_validator(mode="after")
+    def _heal_by_fraction(self) -> "Experiment":
+        """``heal.by_fraction`` entries in increasing ``up_to``, and every heal point of every fraction valid."""
+        from ray_prune.core.heal.config import HealConfig
+
+        ups = [e.up_to for e in self.heal.by_fraction]
+        if ups != sorted(set(ups)):
+            raise ValueError(f"heal.by_fraction: up_to must increase from entry to entry, got {ups}")
+        if not self.heal.by_fraction:
+            return self
+        for model in self.models:
+            for fraction in self.fraction_values():
+                for point in self.heal_points(model, fraction):
+                    try:
+                        HealConfig.from_point(point).validate()
+                    except UserError as e:
+                        raise ValueError(f"heal.by_fraction at fraction {fraction:g} for {model.name}: "
+                                         f"{e.problem.removeprefix('heal: ')} ({e.fix})") from None
+        return self
+
+    def calibrations(self) -> list[CalibrationSection]:
+        """Every calibration setting of the experiment (one, unless it lists several)."""
+        return list(self.calibration) if isinstance(self.calibration, list) else [self.calibration]
+
+    def heal_points(self, model: ModelSpec, fraction: float | None = None) -> list[dict[str, Any]]:
+        """The heal grid of a model's cells at ``fraction``: the section's settings, the ``by_fraction`` entry that
+        covers the fraction over them, and the model's own settings over both. Without a fraction: every point
+        of every fraction of the grid, once each (what stage 1 and the memory plan must serve)."""
+        if fraction is None:
+            seen, out = set(), []
+            for f in self.fraction_values():
+                for point in self.heal_points(model, f):
+                    key = json.dumps(point, sort_keys=True, default=str)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(point)
+            return out
+        return self.heal.points({**fraction_settings(self.heal, fraction), **model.heal})
 
     def text_source(self, dataset: str = "c4"):
         """The corpus ``dataset`` as this experiment reads it (``core.data.TextSource``)."""

@@ -64,6 +64,16 @@ class Cell:
         return CalibrationConfig.from_dict(self.calibration)
 
 
+# Strategies whose choice of layers depends on calibration data: the calibration setting is part of their cells'
+# identity, and a list of settings multiplies them.
+USES_CALIBRATION: tuple[str, ...] = ("similarity", "block_influence", "greedy")
+
+
+def calibration_id(calibration: dict[str, Any]) -> str:
+    """A short name of one calibration setting (its identity's hash): what tables and cells are keyed by."""
+    return stable_hash(CalibrationConfig.identity_of(calibration))
+
+
 def heal_identity(point: dict[str, Any]) -> dict[str, Any]:
     """The part of a heal point that names a cell (see the module docstring and ``HealConfig``'s metadata)."""
     return HealConfig.identity_of({"enabled": True, **point})
@@ -120,8 +130,7 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
     """All cells of the grid, deduplicated (two fractions that round to the same n are one cell)."""
     cells: dict[str, Cell] = {}
     owners: set[str] = set()
-    calibration = exp.calibration.model_dump()
-    calibration_id = CalibrationConfig.identity_of(calibration)
+    calibrations = [c.model_dump() for c in exp.calibrations()]
     evaluation = exp.eval.model_dump()
     evaluation_id = eval_identity(exp)
     for spec in exp.models:
@@ -130,24 +139,26 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
             n = _n_of(fraction, spec, L)
             # n = 0 prunes nothing: one cell, whatever the strategies, and its unhealed row is the baseline's.
             for strategy in (exp.strategies if n > 0 else ["none"]):
-                prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation_id,
-                             "dtype": exp.dtype,
-                             "calibration": calibration_id if strategy == "similarity" and n > 0 else None}
-                for heal in exp.heal_points(spec):
-                    quantize = scored_as(exp, heal)
-                    unhealed_id = (baseline_id(exp, spec.name, quantize) if n == 0
-                                   else stable_hash({**prune_key, "scored": quantize}))
-                    for seed in exp.seeds:
-                        cell_id = stable_hash({**prune_key, "heal": heal_identity(heal), "seed": seed})
-                        if cell_id in cells:
-                            continue
-                        cells[cell_id] = Cell(
-                            experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code,
-                            num_layers=L, fraction=fraction, n=n, strategy=strategy, seed=seed, heal=heal,
-                            calibration=calibration, eval=evaluation, dtype=exp.dtype, cell_id=cell_id,
-                            unhealed_id=unhealed_id, owns_unhealed=n > 0 and unhealed_id not in owners,
-                            scored_as=quantize)
-                        owners.add(unhealed_id)
+                calibrated = strategy in USES_CALIBRATION and n > 0
+                for calibration in (calibrations if calibrated else calibrations[:1]):
+                    prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation_id,
+                                 "dtype": exp.dtype,
+                                 "calibration": CalibrationConfig.identity_of(calibration) if calibrated else None}
+                    for heal in exp.heal_points(spec, fraction):
+                        quantize = scored_as(exp, heal)
+                        unhealed_id = (baseline_id(exp, spec.name, quantize) if n == 0
+                                       else stable_hash({**prune_key, "scored": quantize}))
+                        for seed in exp.seeds:
+                            cell_id = stable_hash({**prune_key, "heal": heal_identity(heal), "seed": seed})
+                            if cell_id in cells:
+                                continue
+                            cells[cell_id] = Cell(
+                                experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code,
+                                num_layers=L, fraction=fraction, n=n, strategy=strategy, seed=seed, heal=heal,
+                                calibration=calibration, eval=evaluation, dtype=exp.dtype, cell_id=cell_id,
+                                unhealed_id=unhealed_id, owns_unhealed=n > 0 and unhealed_id not in owners,
+                                scored_as=quantize)
+                            owners.add(unhealed_id)
     if not cells:
         raise UserError("the experiment's grid is empty", "list at least one model, fraction and strategy")
     return list(cells.values())

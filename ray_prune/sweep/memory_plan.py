@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 def workload(exp: Experiment, spec: ModelSpec) -> Workload:
     """The settings that size each stage of ``spec``'s cells."""
     points = exp.heal_points(spec)
-    return Workload(dtype=exp.dtype, calibration=exp.calibration.config(), evaluation=exp.eval.config(),
+    # the calibration setting with the largest batch sizes the in-memory profile, with the most text the streamed one
+    calibration = max((c.config() for c in exp.calibrations()),
+                      key=lambda c: (c.batch_size * c.max_length, c.samples * c.max_length))
+    return Workload(dtype=exp.dtype, calibration=calibration, evaluation=exp.eval.config(),
                     heal=tuple(HealConfig.from_point(p, dtype=exp.dtype) for p in points),
                     heals=any(p.get("enabled", True) for p in points), unhealed=exp.eval.unhealed,
                     eval_precision=exp.eval.precision)

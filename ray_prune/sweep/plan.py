@@ -18,7 +18,7 @@ from ray_prune.ledger.done import DONE, done_ids
 from ray_prune.ledger.rows import read_experiment_record, read_rows
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
-from ray_prune.sweep.grid import Cell, expand, merged_fractions
+from ray_prune.sweep.grid import USES_CALIBRATION, Cell, calibration_id, expand, merged_fractions
 
 DEFAULT_STORAGE_ROOT = "results"  # an experiment without storage writes to results/<name>
 
@@ -66,7 +66,7 @@ def read_model(spec: ModelSpec) -> ModelRecord:
                        model_identity(spec.name), loaded.note)
 
 
-def table_key(exp: Experiment, record: ModelRecord, root) -> str:
+def table_key(exp: Experiment, record: ModelRecord, root, calibration: dict[str, Any]) -> str:
     """The key a model's distance table is stored under: a hash of everything that makes the table (the weights,
     the calibration settings, the calibration text and the roles that pick it, the dtype), so that changing any
     of them makes a new table instead of reusing a stale one."""
@@ -74,7 +74,7 @@ def table_key(exp: Experiment, record: ModelRecord, root) -> str:
     from ray_prune.core.data import roles_identity
     from ray_prune.ledger.layout import stable_hash
 
-    cal = exp.calibration.config()
+    cal = CalibrationConfig.from_dict(calibration)
     return stable_hash({"model": record.identity, "calibration": CalibrationConfig.identity_of(cal.to_dict()),
                         "text": exp.text_source(cal.dataset).identity(root), "roles": roles_identity(),
                         "dtype": exp.dtype})
@@ -91,7 +91,7 @@ class Plan:
     cells: list[Cell]
     pending: list[Cell]  # cells without a finished or stopped healed row
     ledger: dict[tuple[str, str], str]  # (cell_id, stage) -> status of the rows already there
-    table_keys: dict[str, str] = field(default_factory=dict)  # model -> its distance table's key (table_key)
+    table_keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, calibration id) -> table key
     merged: list[str] = field(default_factory=list)  # fractions that share another's cell (grid.merged_fractions)
     memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, once the GPU size is known
     storage_note: str = ""  # why storage was not checked (--check on a machine that cannot reach it)
@@ -136,7 +136,10 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
     check_lora_targets(exp, models)
     cells = expand(exp, {name: m.num_layers for name, m in models.items()})
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in DONE]
-    keys = {m: table_key(exp, models[m], root) for m in sorted({c.model for c in cells if c.strategy == "similarity"})}
+    keys = {(c.model, calibration_id(c.calibration)): None for c in cells if c.strategy in USES_CALIBRATION and c.n}
+    keys = {(m, cid): table_key(exp, models[m], root, next(c.calibration for c in cells if c.model == m
+                                                           and calibration_id(c.calibration) == cid))
+            for m, cid in keys}
     layers = {name: m.num_layers for name, m in models.items()}
     p = Plan(exp, storage, str(root) if root else None, models, cells, pending, ledger, keys,
              merged_fractions(exp, layers), storage_note=note)
@@ -215,12 +218,13 @@ def check_local_data(exp: Experiment, root) -> None:
     from ray_prune.core.data import check_texts, local_file
     from ray_prune.core.evaluation.tasks import TASKS
 
-    # Healing, the heal validation loss and the C4 loss read the C4 sample's heal and validation documents.
-    c4_needs = {"heal": 1, "validation": 1}
-    if exp.calibration.dataset == "c4":
-        c4_needs["calibration"] = exp.calibration.samples
-    else:
-        check_texts({"calibration": exp.calibration.samples}, exp.calibration.dataset, root)
+    # Healing, the heal validation loss and the C4 loss read the C4 sample's heal, selection and test documents.
+    c4_needs = {"heal": 1, "selection": 1, "test": 1}
+    for cal in exp.calibrations():
+        if cal.dataset == "c4":
+            c4_needs["calibration"] = max(c4_needs.get("calibration", 0), cal.samples)
+        else:
+            check_texts({"calibration": cal.samples}, cal.dataset, root)
     check_texts(c4_needs, "c4", root)
     for name in exp.eval.tasks:
         spec = TASKS[name]

@@ -21,7 +21,7 @@ from ray_prune.ledger.rows import write_row
 from ray_prune.ledger.tables import read_distance_table, write_distance_table
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
-from ray_prune.sweep.grid import baseline_id
+from ray_prune.sweep.grid import USES_CALIBRATION, baseline_id, calibration_id
 from ray_prune.sweep.interrupt import Interrupts, SweepInterrupted
 from ray_prune.sweep.plan import Plan
 from ray_prune.sweep import shared_blocks
@@ -46,31 +46,40 @@ def reference_key(quantize: str, seq_len: int, val_sequences: int) -> str:
     return f"{quantize}:{seq_len}x{val_sequences}"
 
 
-def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, key: str, streamed: bool,
-             gpus: float) -> float:
-    """The distance table, in the experiment's inference precision; returns its seconds. ``streamed``: one block
-    at a time from the safetensors shards (a model larger than the GPU, exact all the same)."""
+def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None,
+             tables: list[tuple[str, dict]], streamed: bool, gpus: float) -> float:
+    """Each distance table of ``tables`` ((key, calibration settings)), in the experiment's inference precision,
+    the model loaded once; returns their seconds. ``streamed``: one block at a time from the safetensors shards (a
+    model larger than the GPU, exact all the same)."""
+    from ray_prune.core.calibration import CalibrationConfig
     from ray_prune.core.data import load_texts
     from ray_prune.core.models import load_model, load_tokenizer
     from ray_prune.core.profile import profile
     from ray_prune.core.profile_streamed import profile_streamed
 
-    cal = exp.calibration.config()
-    texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir,
-                       source=exp.text_source(cal.dataset))
-    kw = dict(metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length, model_id=spec.name,
-              progress=False)
-    t0 = time.perf_counter()
-    if streamed:
-        tok = load_tokenizer(spec.name, spec.trust_remote_code)
-        table = profile_streamed(spec.name, tok, texts, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code,
-                                 **kw)
-    else:
-        model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code, spread=gpus > 1)
-        t0 = time.perf_counter()
-        table = profile(model, tok, texts, **kw)
-    write_distance_table(storage, spec.name, key, table)
-    return time.perf_counter() - t0
+    model = tok = None
+    seconds = 0.0
+    for key, calibration in tables:
+        cal = CalibrationConfig.from_dict(calibration)
+        texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir,
+                           source=exp.text_source(cal.dataset))
+        kw = dict(metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length, model_id=spec.name,
+                  progress=False)
+        if streamed:
+            tok = tok or load_tokenizer(spec.name, spec.trust_remote_code)
+            t0 = time.perf_counter()
+            table = profile_streamed(spec.name, tok, texts, dtype=exp.dtype,
+                                     trust_remote_code=spec.trust_remote_code, **kw)
+        else:
+            if model is None:
+                model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code,
+                                        spread=gpus > 1)
+            t0 = time.perf_counter()
+            table = profile(model, tok, texts, **kw)
+        seconds += time.perf_counter() - t0
+        table.extra = {**table.extra, "calibration": calibration}  # which setting made it: the report labels by it
+        write_distance_table(storage, spec.name, key, table)
+    return seconds
 
 
 def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, quantize: str,
@@ -101,7 +110,7 @@ def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir
              f", C4 loss on {exp.eval.c4_sequences} blocks" if exp.eval.c4_sequences else "")
     t = time.perf_counter()
     flat = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
-    cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model), exp.calibration.model_dump(),
+    cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model), exp.calibrations()[0].model_dump(),
                          exp.eval.model_dump(), exp.dtype, baseline_id(exp, spec.name, quantize))
     wall = time.perf_counter() - t
     write_row(storage, cell_row(cell, "baseline", "finished", family=family_of(model)[0], **flat, loss_ratio=1.0,
@@ -130,13 +139,13 @@ class _Forward(logging.Handler):
             pass
 
 
-def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None, table_key: str | None,
-                  baselines: list[str], threads: int, streamed: bool = False, gpus: float = 0.0,
-                  queue=None) -> Profiled:
-    """Stage 1 for one model (inside its actor): shared blocks, distance table, references and baselines.
+def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None,
+                  tables: list[tuple[str, dict]], baselines: list[str], threads: int, streamed: bool = False,
+                  gpus: float = 0.0, queue=None) -> Profiled:
+    """Stage 1 for one model (inside its actor): shared blocks, distance tables, references and baselines.
 
-    ``table_key``: the key of the distance table to compute and store (None: none is needed, or a valid one is
-    stored already). ``baselines``: the scoring quantizations whose baseline row is still missing.
+    ``tables``: (key, calibration settings) of each distance table to compute and store (those not stored whole
+    already). ``baselines``: the scoring quantizations whose baseline row is still missing.
     """
     import torch
 
@@ -152,7 +161,7 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
     notes: list[str] = []
     blocks = shared_blocks.make(storage, tok, wanted, data_dir, exp.text_source("c4"), notes)
-    profile_s = _profile(exp, spec, storage, data_dir, table_key, streamed, gpus) if table_key else 0.0
+    profile_s = _profile(exp, spec, storage, data_dir, tables, streamed, gpus) if tables else 0.0
     references: dict[str, float] = {}
     losses: dict[str, float | None] = {}
     for quantize in exp.precisions(spec):
@@ -179,25 +188,29 @@ def _wait(fut, interrupts: Interrupts | None, drain=None) -> None:
             return
 
 
-def _table_to_make(p: Plan, model: str, rerun: bool, say) -> str | None:
-    """The key of the distance table stage 1 must compute for ``model``: None where no pending cell needs one or
-    a valid one is stored. A stored table that does not validate is reported, deleted and made again."""
+def _tables_to_make(p: Plan, model: str, rerun: bool, say) -> list[tuple[str, dict]]:
+    """(key, calibration settings) of each distance table stage 1 must compute for ``model``: those its pending
+    cells need that are not stored whole. A stored table that does not validate is reported, deleted and made
+    again."""
     from ray_prune.ledger.tables import InvalidTable
 
-    key = p.table_keys.get(model)
-    if key is None or not any(c.model == model and c.strategy == "similarity" and c.n > 0 for c in p.pending):
-        return None
-    if rerun:
-        return key
-    try:
-        read_distance_table(p.storage, model, key)
-        return None
-    except FileNotFoundError:
-        return key
-    except InvalidTable as e:
-        say(f"{e}; profiling {model} again")
-        p.storage.delete(table_path(model, key))
-        return key
+    wanted: dict[str, dict] = {}
+    for c in p.pending:
+        if c.model == model and c.strategy in USES_CALIBRATION and c.n:
+            wanted.setdefault(p.table_keys[(model, calibration_id(c.calibration))], c.calibration)
+    out = []
+    for key, calibration in wanted.items():
+        if not rerun:
+            try:
+                read_distance_table(p.storage, model, key)
+                continue
+            except FileNotFoundError:
+                pass
+            except InvalidTable as e:
+                say(f"{e}; profiling {model} again")
+                p.storage.delete(table_path(model, key))
+        out.append((key, calibration))
+    return out
 
 
 def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
@@ -226,12 +239,12 @@ def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
 
     futures = {}
     for m in p.models_with_work():
-        key = _table_to_make(p, m.name, rerun, say)
+        tables = _tables_to_make(p, m.name, rerun, say)
         baselines = [q for q in exp.precisions(m)
                      if rerun or p.ledger.get((baseline_id(exp, m.name, q), "baseline")) != "finished"]
         g = gpus[m.name]
         futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
-            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, key, baselines, cpus, g["streamed"],
+            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, tables, baselines, cpus, g["streamed"],
             g["profile"], queue)
     out: dict[str, Profiled] = {}
     for name, fut in futures.items():
@@ -275,7 +288,10 @@ def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
                 r.baseline_loss[quantize] = float(hit["c4_loss"].iloc[0])
 
 
-def load_tables(p: Plan) -> dict[str, Any]:
-    """The distance table of every model that has pending similarity cells (stage 1 made or checked each)."""
-    models = {c.model for c in p.pending if c.strategy == "similarity" and c.n > 0}
-    return {m: read_distance_table(p.storage, m, p.table_keys[m]) for m in sorted(models)}
+def load_tables(p: Plan) -> dict[tuple[str, str], Any]:
+    """(model, calibration id) -> the distance table its pending cells choose layers by (stage 1 made or checked
+    each)."""
+    wanted = {(c.model, calibration_id(c.calibration)) for c in p.pending if c.strategy in USES_CALIBRATION and c.n}
+    return {k: read_distance_table(p.storage, k[0], p.table_keys[k]) for k in sorted(wanted)}
+
+

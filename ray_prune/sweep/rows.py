@@ -6,16 +6,30 @@ fills them from a :class:`~ray_prune.sweep.grid.Cell` and what its trial measure
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from typing import Any
 
-import ray_prune
+from ray_prune.core.provenance import eval_provenance
 from ray_prune.ledger.schema import calibration_values, heal_values
 from ray_prune.sweep.grid import Cell
 
 
+def _provenance(cell: Cell, extra: dict[str, Any]) -> dict[str, Any]:
+    """What the row's scores depend on beyond the cell's id (``core/provenance.py``), for the tasks the row scored
+    (``<task>_n`` among its scores: an unhealed row scored for its loss alone, or a failed one, has no task's).
+    The device is the one the caller names (``device=``); the quantization is the scored precision's label's
+    ("nf4+fp32": nf4), as the caller passes it, since a baseline cell is built without ``scored_as``."""
+    config = cell.eval_config()
+    scored = {t: s for t, s in config.tasks.items() if extra.get(f"{t}_n") is not None}
+    precision = extra.get("eval_precision")
+    quantization = cell.scored_as if precision is None else (precision.split("+")[0] if "+" in precision else "none")
+    return eval_provenance(dataclasses.replace(config, tasks=scored), precision, quantization, extra.get("device"))
+
+
 def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any]:
-    """The identity, model and heal-setting columns of a row of ``cell`` at ``stage``, plus ``extra``."""
+    """The identity, model, heal-setting and provenance columns of a row of ``cell`` at ``stage``, plus
+    ``extra`` (which wins where both give a column)."""
     healed = stage == "healed"
     return {
         "experiment": cell.experiment, "cell_id": cell.unhealed_id if stage == "unhealed" else cell.cell_id,
@@ -23,7 +37,7 @@ def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any
         "trust_remote_code": bool(cell.trust_remote_code), "num_layers": cell.num_layers, "n": cell.n,
         "fraction": cell.fraction, "fraction_removed": cell.n / cell.num_layers, "strategy": cell.strategy,
         "removed_layers": list(cell.removed_layers), "seed": cell.seed if healed else None,
-        "code_version": ray_prune.__version__, **(heal_values(cell.heal) if healed else {}),
+        **_provenance(cell, extra), **(heal_values(cell.heal) if healed else {}),
         **(calibration_values(cell.calibration, cell.table_key) if cell.table_key else {}), **extra,
     }
 

@@ -159,8 +159,11 @@ def _trial_spec(c, p: Plan, profiled, tables: dict, cpus: int, gpus: float):
     from ray_prune.sweep.profile_stage import reference_key
     from ray_prune.sweep.trial import TrialSpec
 
-    removed = layers_to_remove(c.strategy if c.n else "deepest", c.num_layers, n=c.n, table=tables.get(c.model))
-    key = p.table_keys.get(c.model) if c.strategy == "similarity" and c.n else None
+    from ray_prune.sweep.grid import calibration_id
+
+    which = (c.model, calibration_id(c.calibration))
+    removed = layers_to_remove(c.strategy if c.n else "deepest", c.num_layers, n=c.n, table=tables.get(which))
+    key = p.table_keys.get(which) if c.strategy == "similarity" and c.n else None
     blocks = {}
     for need, path in profiled.blocks.items():
         if need.role == "test" or (c.heals and need.seq_len == c.heal["seq_len"]):

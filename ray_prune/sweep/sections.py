@@ -39,6 +39,7 @@ class Section(BaseModel):
     _settings: typing.ClassVar[Any] = None  # the settings dataclass
     _owner: typing.ClassVar[str] = ""  # the section's name in messages
     _axes: typing.ClassVar[tuple[str, ...]] = ()  # settings that may be lists
+    _not_settings: typing.ClassVar[tuple[str, ...]] = ()  # the section's own keys that are not part of a point
 
     @model_validator(mode="before")
     @classmethod
@@ -70,7 +71,7 @@ class Section(BaseModel):
     def points(self, override: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The Cartesian product of the list-valued axes, with the fixed values copied into each point (JSON-able
         values: what cells store and hash)."""
-        base = self.model_dump()
+        base = self.model_dump(exclude=set(self._not_settings))
         base.update(override or {})
         axes = [[(k, v) for v in _as_list(base[k])] for k in self._axes]
         fixed = {k: v for k, v in base.items() if k not in self._axes}
@@ -124,14 +125,41 @@ EvalSection = section_model("EvalSection", EvalConfig, owner="eval", extra={
 })
 
 HEAL_AXES: tuple[str, ...] = HealConfig.names(axis=True, source=None)
+
+
+def _fraction_heal_model() -> type[BaseModel]:
+    """One entry of ``heal.by_fraction``: the heal settings of the cells whose fraction is at most ``up_to`` (and
+    above the previous entry's), each a single value (a grid axis stays in the section itself)."""
+    hints = typing.get_type_hints(HealConfig)
+    fields: dict[str, Any] = {"up_to": (float, PydanticField(gt=0, le=1, description="the largest fraction the "
+                                                             "entry covers"))}
+    for f in HealConfig.settings():
+        fields[f.name] = (typing.Optional[hints[f.name]], PydanticField(None, description=f.metadata["why"]))
+    return create_model("FractionHeal", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+FractionHeal = _fraction_heal_model()
 HealSection = section_model("HealSection", HealConfig, owner="heal", axes=HEAL_AXES, extra={
     "enabled": (bool, PydanticField(True, description="false: evaluate each pruned model unhealed, skip healing")),
+    "by_fraction": (list[FractionHeal], PydanticField(
+        default_factory=list, description="heal settings by fraction removed, for example longer heals at a "
+        "higher rank and a lower learning rate as more layers go: entries in increasing up_to; a cell takes the "
+        "first entry whose up_to is at least its fraction, over the settings above")),
 })
+HealSection._not_settings = ("by_fraction",)
+
+
+def fraction_settings(section: Any, fraction: float) -> dict[str, Any]:
+    """The ``by_fraction`` settings a cell of ``fraction`` takes (empty where no entry covers it)."""
+    for entry in section.by_fraction:
+        if fraction <= entry.up_to + 1e-12:
+            return {k: v for k, v in entry.model_dump().items() if k != "up_to" and v is not None}
+    return {}
 
 
 def check_model_heal(settings: dict[str, Any]) -> dict[str, Any]:
     """A model's own heal settings: known keys, valid values (checked against the defaults for the rest)."""
-    unknown = set(settings) - set(HealSection.model_fields)
+    unknown = set(settings) - set(HealSection.model_fields) | ({"by_fraction"} & set(settings))
     if unknown:
         raise ValueError(f"unknown heal keys {sorted(unknown)}; known: {sorted(HealSection.model_fields)}")
     HealSection(**settings)

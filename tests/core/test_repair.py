@@ -86,7 +86,7 @@ def test_a_run_at_layer_zero_folds_into_the_embedding(packed):
     model = _untied("mistral")
     repaired = copy.deepcopy(model)
     report = linear_repair(repaired, [0, 1], calibration)
-    assert report.runs[0].fold == "input embedding"
+    assert report.runs[0].fold == "model.embed_tokens"
     x0 = _capture(decoder_layers(model)[0], other, model, output=False)
     got = _capture(decoder_layers(repaired)[0], other, repaired, output=False)
     torch.testing.assert_close(got, x0 @ report.runs[0].transform, atol=1e-5, rtol=1e-5)

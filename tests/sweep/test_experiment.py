@@ -234,3 +234,49 @@ def test_checking_a_ten_thousand_cell_grid_takes_seconds(tmp_path):
     p = plan(parse_experiment(spec), str(tmp_path / "store"), check=True)
     seconds = time.perf_counter() - t
     assert 9_000 <= len(p.cells) <= 10_000 and seconds < 30, (len(p.cells), seconds)
+
+
+# Cell ids are the ledger's keys: a rerun on a storage written by an earlier version skips exactly the cells these
+# ids name. They were written by the versions before settings objects and stay the same for a grid that sets
+# nothing new; a change here makes every user's finished cells run again.
+SMOKE_CELL_IDS = ['018f3baec871bacc', '1db25d5738f24abb', '2a3940964c0c08c5', '5b049d87ab00c6d4', '6390291a87336be1',
+                  '63eed184ac0f1033', '64cdb4ccf8774236', '7c7a1697f3ad5a38', '7f34aaf8ac5198ca', '8eb53d08eea99634',
+                  'a28e9848e818fd49', 'e9cc4a801b5aff9d']
+SMOKE_BASELINE_IDS = {"smollm2-135m": "13b3484eb26d5e18", "gemma3-270m": "0323b80dfadaef28"}
+
+
+def test_cell_ids_of_the_smoke_grid_are_those_earlier_versions_wrote():
+    from ray_prune.sweep.grid import baseline_id
+
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml")
+    assert sorted(c.cell_id for c in expand(exp, {"smollm2-135m": 30, "gemma3-270m": 18})) == SMOKE_CELL_IDS
+    assert {m.name: baseline_id(exp, m.name, "nf4") for m in exp.models} == SMOKE_BASELINE_IDS
+
+
+def test_several_calibrations_keep_their_cells_apart():
+    two = _with("calibration", [{"samples": 8, "batch_size": 4}, {"dataset": "wikitext2", "samples": 8,
+                                                                   "batch_size": 4}])
+    cells = expand(parse_experiment(two), {"smollm2-135m": 30})
+    one = expand(parse_experiment(GOOD), {"smollm2-135m": 30})
+    sim = [c for c in cells if c.strategy == "similarity"]
+    assert len(sim) == 2 * len([c for c in one if c.strategy == "similarity"])
+    assert len({c.cell_id for c in cells}) == len(cells)
+    assert {c.calibration["dataset"] for c in sim} == {"c4", "wikitext2"}
+    assert [c for c in cells if c.strategy == "deepest"] == [c for c in one if c.strategy == "deepest"]
+    assert {c.cell_id for c in one} <= {c.cell_id for c in cells}  # the first setting keeps its cells' ids
+
+
+def test_heal_settings_by_fraction_reach_the_cells_that_fraction_covers():
+    spec = _with("heal", {"steps": 2, "by_fraction": [{"up_to": 0.15, "rank": 4}, {"up_to": 1.0, "rank": 16,
+                                                                                    "lr": 1e-4, "steps": 3}]})
+    cells = expand(parse_experiment(spec), {"smollm2-135m": 30})
+    by_fraction = {(c.fraction, c.heal["rank"], c.heal["lr"], c.heal["steps"]) for c in cells}
+    assert by_fraction == {(0.1, 4, 3e-4, 2), (0.2, 16, 1e-4, 3)}
+    plain = {c.cell_id for c in expand(parse_experiment(_with("heal", {"steps": 2})), {"smollm2-135m": 30})}
+    assert not {c.cell_id for c in cells} & plain  # what a cell healed with names it
+    with pytest.raises(UserError, match="up_to must increase"):
+        parse_experiment(_with("heal", {"by_fraction": [{"up_to": 0.5}, {"up_to": 0.2}]}))
+    with pytest.raises(UserError, match=r"heal.by_fraction at fraction 0.2 .*rank must be > 0"):
+        parse_experiment(_with("heal", {"by_fraction": [{"up_to": 0.1}, {"up_to": 1.0, "rank": 0}]}))
+    with pytest.raises(UserError, match="rnak"):
+        parse_experiment(_with("heal", {"by_fraction": [{"up_to": 1.0, "rnak": 4}]}))

@@ -33,9 +33,8 @@ def models_dir(tmp_path_factory, tokenizer):
 
 
 def _exp(models_dir, **over):
-    base = tiny_spec()
-    spec = tiny_spec([str(models_dir / "tiny-llama")], "trust", fractions=[0.5], **over)
-    spec.setdefault("heal", base["heal"])
+    over.setdefault("fractions", [0.5])
+    spec = tiny_spec([str(models_dir / "tiny-llama")], "trust", **over)
     return parse_experiment(spec)
 
 
@@ -237,3 +236,29 @@ def test_a_report_that_cannot_be_written_is_one_line(clean, tmp_path, capsys):
     assert main(["report", str(storage), "--out", str(blocker / "report")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "cannot write the report to" in err[0] and "--out" in err[1]
+
+
+def test_two_calibrations_profile_twice_and_keep_their_cells_apart(ray_local, models_dir, tmp_path):
+    base = tiny_spec()["calibration"]
+    exp = _exp(models_dir, strategies=["similarity"],
+               calibration=[base, {**base, "dataset": "wikitext2"}, {**base, "metric": "block_influence"}])
+    df, _ = _run(exp, tmp_path / "store")
+    assert len(list((tmp_path / "store" / "tables").glob("*.parquet"))) == 3  # one profile per setting
+    healed = df[df["stage"] == "healed"]
+    assert len(healed) == 3 and healed["cell_id"].nunique() == 3 and healed["table_key"].nunique() == 3
+    assert sorted(zip(healed["calibration_dataset"], healed["calibration_metric"])) == [
+        ("c4", "angular"), ("c4", "block_influence"), ("wikitext2", "angular")]
+    unhealed = df[df["stage"] == "unhealed"]
+    assert unhealed["cell_id"].nunique() == 3  # each pruned model its own unhealed row
+
+
+def test_heal_settings_by_fraction_reach_the_trials(ray_local, models_dir, tmp_path):
+    heal = {**tiny_spec()["heal"], "steps": 2,
+            "by_fraction": [{"up_to": 0.3, "rank": 2}, {"up_to": 1.0, "rank": 4, "steps": 4}]}
+    exp = _exp(models_dir, fractions=[0.2, 0.5], strategies=["deepest"], heal=heal)
+    df, _ = _run(exp, tmp_path / "store")
+    healed = df[df["stage"] == "healed"].sort_values("fraction")
+    assert list(healed["heal_rank"]) == [2, 4] and list(healed["heal_steps"]) == [2, 4]
+    per_step = exp.heal.batch_size * exp.heal.seq_len
+    assert list(healed["tokens_seen"]) == [2 * per_step, 4 * per_step]  # the trials trained as the rows say
+    assert [list(c) for c in healed["curve_step"]] == [[2], [2, 4]]  # a validation every 2 steps, as many as run

@@ -70,14 +70,14 @@ def test_stage_one_reads_a_bounded_number_of_rows_and_trials_none(corpus, no_mir
 
     count = RowCount()
     t = time.perf_counter()
-    calibration = load_texts("calibration", exp.calibration.samples, source=source)
+    calibration = load_texts("calibration", exp.calibrations()[0].samples, source=source)
     wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
     blocks = shared_blocks.make(storage, tokenizer, wanted, None, source, count)
     seconds = time.perf_counter() - t
     rows = sum(count.rows.values())
     print(f"stage 1 data: {seconds:.1f} s, rows read per role {count.rows} (of {DOCUMENTS:,}), "
           f"calibration {len(calibration)} documents")
-    assert seconds < 60 and len(calibration) == exp.calibration.samples
+    assert seconds < 60 and len(calibration) == exp.calibrations()[0].samples
     # 80 heal blocks of 64 tokens need ~90 documents of the heal role (60% of rows); selection and test ~10% each.
     assert {n.role for n in blocks} == {"heal", "selection", "test"}
     assert 0 < rows < 5_000, count.rows

@@ -88,13 +88,47 @@ def _check_blocks(train: torch.Tensor, val: torch.Tensor, config: HealConfig) ->
     return val[: config.val_sequences]
 
 
+def _paged_adamw_8bit(params: list, config: HealConfig, device: torch.device):
+    """bitsandbytes' ``PagedAdamW8bit`` (QLoRA's optimizer: 8-bit moments, paged on CUDA), with torch AdamW's betas
+    and eps. Refused, with the fix, where bitsandbytes is missing or cannot run it: a one-step trial on a scratch
+    parameter large enough for the 8-bit path (bitsandbytes keeps tensors under 4096 elements in 32 bits) proves
+    the device's kernels work before the run depends on them. Paging is a CUDA feature: elsewhere (bitsandbytes 0.45+
+    runs the 8-bit update on a CPU) the same update runs as ``AdamW8bit``, unpaged, and a warning says so."""
+    from ray_prune.errors import UserError
+
+    fix = "use heal optimizer: adamw (the paper's), which runs everywhere"
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise UserError(f"heal optimizer paged_adamw_8bit needs bitsandbytes ({e})",
+                        "pip install bitsandbytes, or " + fix) from None
+    if device.type not in ("cuda", "cpu", "xpu"):
+        raise UserError(f"bitsandbytes has no 8-bit optimizer for {device.type} devices", fix)
+    kind = bnb.optim.PagedAdamW8bit if device.type == "cuda" else bnb.optim.AdamW8bit
+    try:
+        scratch = torch.nn.Parameter(torch.zeros(4096, device=device))
+        scratch.grad = torch.ones_like(scratch)
+        kind([scratch], lr=1e-3).step()
+    except (RuntimeError, NotImplementedError, AttributeError, ValueError) as e:
+        raise UserError(f"bitsandbytes {bnb.__version__} cannot run its 8-bit AdamW on {device} "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", fix) from None
+    optimizer = kind(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    if device.type != "cuda":
+        warnings.warn(f"heal optimizer paged_adamw_8bit on {device.type}: 8-bit moments, but not paged (bitsandbytes "
+                      "pages CUDA memory only)", stacklevel=3)
+    return optimizer
+
+
 def _optimizer(params: list, config: HealConfig, device: torch.device):
-    # fused: one kernel for the whole update of ~100s of small LoRA tensors (3.0 vs 7.7 ms per step for
-    # foreach on SmolLM2's, CPU); foreach where no fused kernel exists.
-    fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                                                   for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  **({"fused": True} if fused else {"foreach": True}))
+    if config.optimizer == "paged_adamw_8bit":
+        optimizer = _paged_adamw_8bit(params, config, device)
+    else:
+        # fused: one kernel for the whole update of ~100s of small LoRA tensors (3.0 vs 7.7 ms per step for
+        # foreach on SmolLM2's, CPU); foreach where no fused kernel exists.
+        fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                                       for p in params)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                      **({"fused": True} if fused else {"foreach": True}))
     warmup = config.effective_warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, config.steps))
     return optimizer, scheduler

@@ -1,0 +1,130 @@
+"""Provenance: the commit of a real git checkout (and its dirty mark), the installed library versions, the device,
+and task config hashes that change when what lm-eval reads changes, and only then."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+import ray_prune
+from ray_prune.core import provenance
+from ray_prune.core.evaluation.config import EvalConfig
+from ray_prune.core.evaluation.tasks import TASKS, TASKS_DIR
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _fresh_code_version(root: Path) -> str:
+    provenance.code_version.cache_clear()  # once per process in use; each state of the checkout is asked anew here
+    return provenance.code_version(root)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_version_is_the_commit_and_marks_uncommitted_changes(tmp_path):
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    _git(repo, "add", "code.py")
+    _git(repo, "commit", "-q", "-m", "first")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert len(head) == 40
+    assert _fresh_code_version(repo) == head
+    (repo / "notes.txt").write_text("untracked\n")  # not code that ran: git describe --dirty ignores it too
+    assert _fresh_code_version(repo) == head
+    (repo / "code.py").write_text("x = 2\n")
+    assert _fresh_code_version(repo) == head + "+dirty"
+    _git(repo, "commit", "-q", "-am", "second")
+    second = _git(repo, "rev-parse", "HEAD")
+    assert second != head and _fresh_code_version(repo) == second
+
+
+def test_code_version_without_a_checkout_is_the_package_version(tmp_path):
+    assert _fresh_code_version(tmp_path) == ray_prune.__version__
+
+
+def test_library_versions_are_the_installed_ones():
+    versions = provenance.library_versions()
+    assert list(versions) == list(provenance.LIBRARIES)
+    for name, v in versions.items():
+        assert v == version(name)
+
+
+def test_device_name():
+    assert provenance.device_name(None) is None
+    cpu = provenance.device_name("cpu")
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        lines = info.read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+        if model:
+            assert cpu.startswith(model)
+        listed = cpu.rsplit("[", 1)[1].rstrip("]").split() if cpu.endswith("]") else []
+        assert set(listed) == flags & set(provenance.CPU_FEATURES)
+    assert provenance.device_name("cuda:0")  # a name, or says it is unknown: never fails the row
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    return Path(shutil.copytree(TASKS_DIR, tmp_path / name))
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_task_hashes_are_stable_and_change_with_what_lm_eval_reads(tmp_path):
+    tasks = list(TASKS)
+    own = provenance.task_config_hashes(tasks)
+    assert set(own) == set(tasks) and len(set(own.values())) == len(tasks)
+    assert all(len(h) == provenance.HASH_CHARS for h in own.values())
+    assert provenance.task_config_hashes(tasks, _copy(tmp_path, "same")) == own  # another folder, the same files
+
+    cosmetic = _copy(tmp_path, "cosmetic")  # comments, line endings and ray-prune's own bookkeeping
+    _edit(cosmetic / "rp_boolq.yaml", "# BoolQ,", "# The BoolQ task,")
+    _edit(cosmetic / "rp_boolq.yaml", "majority_acc: 0.622", "majority_acc: 0.6")
+    (cosmetic / "rp_gsm8k.yaml").write_bytes((cosmetic / "rp_gsm8k.yaml").read_bytes().replace(b"\n", b"\r\n"))
+    assert provenance.task_config_hashes(tasks, cosmetic) == own
+
+    changed = _copy(tmp_path, "changed")
+    _edit(changed / "_rp_mmlu_template.yaml", "num_fewshot: 5", "num_fewshot: 3")  # MMLU's template
+    _edit(changed / "rp_mmlu_anatomy.yaml", "about anatomy", "on anatomy")  # one of the 57 subjects
+    _edit(changed / "rp_gsm8k.yaml", "version: 3.0", "version: 3.1")  # the task version
+    _edit(changed / "hub_schema.py", "def boolq", "def boolq_unused():\n    pass\n\n\ndef boolq")  # !function code
+    new = provenance.task_config_hashes(tasks, changed)
+    differ = {t for t in tasks if new[t] != own[t]}
+    uses_hub_schema = {t for t in tasks if "hub_schema" in (TASKS_DIR / f"{TASKS[t].lm_eval_tasks[0]}.yaml").read_text()}
+    uses_hub_schema |= {"arc_challenge"} if "arc_easy" in uses_hub_schema else set()  # it includes arc_easy
+    assert differ == {"mmlu", "gsm8k"} | uses_hub_schema
+    assert "boolq" in differ and "arc_challenge" in differ
+
+
+def test_each_mmlu_subject_counts(tmp_path):
+    one = _copy(tmp_path, "subject")
+    _edit(one / "rp_mmlu_virology.yaml", "dataset_name: virology", "dataset_name: anatomy")
+    assert provenance.task_config_hashes(["mmlu"], one) != provenance.task_config_hashes(["mmlu"])
+
+
+def test_eval_provenance_values():
+    config = EvalConfig.from_dict({"tasks": {"boolq": None, "gsm8k": 3}, "batch_size": 2, "max_gen_toks": 64})
+    values = provenance.eval_provenance(config, "nf4+fp32", "nf4", "cpu")
+    hashes = provenance.task_config_hashes(["boolq", "gsm8k"])
+    assert values["code_version"] == provenance.code_version()
+    assert {k: values[f"{k}_version"] for k in provenance.LIBRARIES} == provenance.library_versions()
+    assert (values["eval_batch_size"], values["eval_max_gen_toks"], values["eval_seed"]) == (2, 64, config.seed)
+    assert (values["eval_precision"], values["quantization"]) == ("nf4+fp32", "nf4")
+    assert values["device_name"] == provenance.device_name("cpu")
+    assert (values["boolq_shots"], values["gsm8k_shots"]) == (TASKS["boolq"].shots, 3)
+    assert values["gsm8k_config_hash"] == hashes["gsm8k"] and values["boolq_config_hash"] == hashes["boolq"]
+    assert (values["boolq_metric"], values["gsm8k_metric"]) == ("acc", TASKS["gsm8k"].main_metric)
+    assert not any(k.startswith("mmlu") for k in values)  # only the config's tasks
+    assert set(provenance.FIELDS) <= set(values)
