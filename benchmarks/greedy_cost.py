@@ -2,20 +2,19 @@
 
 For each model, on one calibration set (``--blocks`` packed C4 calibration blocks of ``--seq-len`` tokens; the
 profile reads the same blocks, decoded to text and cut at ``--seq-len`` tokens), prints the time of
-- ``profile``: ``ray_prune.core.profile.profile`` (angular, one pass; median of ``--repeats``);
-- ``greedy, r rounds``: ``ray_prune.core.greedy.greedy_order(max_remove=r)``, r the layers ``--fraction`` removes
-  (a sweep up to that fraction needs no more), which caches the stream entering each block per round and runs a
-  candidate only from the block it removes;
-- ``naive``: the first ``--naive-rounds`` rounds the obvious way: every candidate pruned with ``prune_layers`` and
-  its loss taken in full with ``loss.next_token_loss``. Making the pruned copies is left out of its time (it is
-  not inherent), so the ratio to the greedy's same rounds (its own per-round times) is the least the cache saves;
-- ``greedy, full order``: all L - 1 rounds, every size (with ``--full``);
-then each as a multiple of the profile pass, naive / greedy over the same rounds, and checks that both ways chose
-the same layers with the same losses. Each greedy and naive figure is one run (they take minutes), one after the
-other.
+- ``profile``: ``ray_prune.core.profile.profile`` (angular, one pass), the unit;
+- ``greedy``: ``ray_prune.core.greedy.greedy_order`` over its first ``--naive-rounds`` rounds, which caches the
+  stream entering each block per round and runs a candidate only from the block it removes;
+- ``naive``: the same first ``--naive-rounds`` rounds the obvious way: every candidate pruned with
+  ``prune_layers`` and its loss taken in full with ``loss.next_token_loss``. Making the pruned copies is left out
+  of its time (it is not inherent), so naive / greedy is the least the cache saves. Profile, greedy and naive are
+  interleaved (``--repeats`` rounds of each), and both ways must choose the same layers with the same losses;
+- ``greedy, r rounds``: ``greedy_order(max_remove=r)``, r the layers ``--fraction`` removes (what a sweep up
+  to that fraction needs), one run (minutes), against the mean of a
+  profile pass just before and just after it (the load of a shared machine drifts over minutes);
+- ``greedy, full order``: all L - 1 rounds, every size (with ``--full``).
 
-    python benchmarks/greedy_cost.py --models smollm2-135m gemma3-270m --blocks 2 --seq-len 64 --fraction 0.25 \
-        --naive-rounds 2
+    python benchmarks/greedy_cost.py --models smollm2-135m gemma3-270m --blocks 2 --seq-len 64 --fraction 0.25
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import argparse
 import gc
 import time
 
-from timing import device_tag, machine, median_seconds
+from timing import device_tag, interleaved_medians, machine, median_seconds
 
 
 def naive_order(model, blocks, bos, rounds: int, batch_size: int) -> tuple[list[int], list[float], float]:
@@ -67,35 +66,43 @@ def measure(name: str, texts: list[str], args) -> tuple[str, str | None]:
         raise SystemExit(f"only {blocks.shape[0]} blocks of calibration text")
     bos = scored_bos(tok)
     docs = tok.batch_decode(blocks, skip_special_tokens=True)
+    rounds = n_from_fraction(args.fraction, L)
+    k = min(args.naive_rounds, rounds)
     kept = {}
 
     def run_profile():
         kept["table"] = profile(model, tok, docs, batch_size=args.batch_size, max_length=args.seq_len, progress=False)
 
-    t_profile = median_seconds(run_profile, args.repeats)
-    rounds = n_from_fraction(args.fraction, L)
-    t = time.perf_counter()
-    fast = greedy_order(model, blocks, bos=bos, batch_size=args.batch_size, max_remove=rounds)
-    t_greedy = time.perf_counter() - t
-    k = min(args.naive_rounds, rounds)
-    order, losses, t_naive = naive_order(model, blocks, bos, k, args.batch_size)
-    t_same = sum(fast.extra["round_seconds"][:k])
+    def run_greedy() -> float:
+        kept["greedy"] = greedy_order(model, blocks, bos=bos, batch_size=args.batch_size, max_remove=k)
+        return kept["greedy"].seconds
+
+    def run_naive() -> float:
+        *kept["naive"], seconds = naive_order(model, blocks, bos, k, args.batch_size)
+        return seconds
+
+    run_profile()  # warm-up, untimed: the greedy and naive runs are too long to repeat for one
+    t = interleaved_medians({"profile": run_profile, "greedy": run_greedy, "naive": run_naive}, args.repeats, warmup=0)
+    (order, losses), fast = kept["naive"], kept["greedy"]
     cands = sum(L - j for j in range(k))
-    same = "yes" if order == fast.order[:k] else f"NO ({order} vs {fast.order[:k]})"
+    same = "yes" if order == fast.order else f"NO ({order} vs {fast.order})"
     diff = max(abs(a - b) for a, b in zip(losses, fast.losses))
+    # The sweep's r rounds: one run, between two profile passes (the load on a shared machine drifts).
+    before = median_seconds(run_profile, 1, warmup=0)
+    long = greedy_order(model, blocks, bos=bos, batch_size=args.batch_size, max_remove=rounds)
+    unit = (before + median_seconds(run_profile, 1, warmup=0)) / 2
     full_cells, note = "not run | -", None
     if args.full:
-        t = time.perf_counter()
         full = greedy_order(model, blocks, bos=bos, batch_size=args.batch_size)
-        t_full = time.perf_counter() - t
-        full_cells = f"{t_full:.0f} | **{t_full / t_profile:.0f}x**"
+        unit_full = (unit + median_seconds(run_profile, 1, warmup=0)) / 2
+        full_cells = f"{full.seconds:.0f} | **{full.seconds / unit_full:.0f}x**"
         note = (f"- {name}: full order {full.order}; calibration loss {full.base_loss:.3f} unpruned, "
                 + ", ".join(f"{loss:.3f} after {n}" for n, loss in enumerate(full.losses, 1)
                             if n in (rounds, L // 2, L - 1)))
-    row = (f"| {name} | {L} | {fast.tokens} / {kept['table'].tokens} | {t_profile:.2f} | {rounds} | {t_greedy:.1f} | "
-           f"**{t_greedy / t_profile:.0f}x** | {t_naive:.1f} | {t_same:.1f} | **{t_naive / t_same:.2f}x** | "
-           f"{t_same / cands / t_profile:.2f} / {t_naive / cands / t_profile:.2f} | {same}, {diff:.1e} | "
-           f"{full_cells} |")
+    row = (f"| {name} | {L} | {fast.tokens} / {kept['table'].tokens} | {t['profile']:.2f} | {t['greedy']:.1f} | "
+           f"{t['naive']:.1f} | **{t['naive'] / t['greedy']:.2f}x** | {t['greedy'] / cands / t['profile']:.2f} / "
+           f"{t['naive'] / cands / t['profile']:.2f} | {same}, {diff:.1e} | {rounds} | {long.seconds:.0f} | "
+           f"**{long.seconds / unit:.0f}x** | {full_cells} |")
     return row, note
 
 
@@ -106,8 +113,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.25)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--naive-rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--naive-rounds", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="also time the full order (L - 1 rounds)")
     args = ap.parse_args()
 
@@ -115,13 +122,13 @@ def main() -> None:
 
     texts = load_texts("calibration", 8 * args.blocks + 16)
     print(f"# Greedy order cost ({device_tag()})\n\n{machine()}; fp32; {args.blocks} packed C4 calibration blocks of "
-          f"{args.seq_len} tokens, batch {args.batch_size}; greedy up to the {args.fraction:.0%} of layers a sweep "
-          f"with that largest fraction needs (r rounds), naive for its first {args.naive_rounds}; profile: median of "
-          f"{args.repeats}, the rest one run each\n")
-    print("| model | L | tokens (greedy / profile) | profile s | r | greedy, r rounds s | **greedy r rounds / "
-          f"profile** | naive, {args.naive_rounds} rounds s | greedy, same rounds s | **naive / greedy** | per "
-          "candidate, greedy / naive (profile passes) | same order, max loss diff | greedy full order s | **full "
-          "order / profile** |")
+          f"{args.seq_len} tokens, batch {args.batch_size}. Greedy and naive over the first {args.naive_rounds} "
+          f"round(s), interleaved with the profile pass, median of {args.repeats}; then the greedy's first r rounds, "
+          f"the layers {args.fraction:.0%} removes (what a sweep up to that fraction needs), one run, against the mean "
+          "of a profile pass just before and just after\n")
+    print(f"| model | L | tokens (greedy / profile) | profile s | greedy, {args.naive_rounds} round(s) s | naive, same "
+          "s | **naive / greedy** | per candidate, greedy / naive (profile passes) | same order, max loss diff | r | "
+          "greedy, r rounds s | **greedy r rounds / profile** | greedy full order s | **full order / profile** |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for name in args.models:

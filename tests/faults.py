@@ -15,6 +15,8 @@ that started Ray). Nothing is wrapped unless one of the variables below is set.
   context: ``<stage>:<status>:<model>``).
 - ``RAY_PRUNE_TEST_KILL_ONCE=<dir>``: each (point, context) kills only once: a marker file in ``<dir>``
   is created first, so a retried trial survives.
+- ``RAY_PRUNE_TEST_SLOW="<text>:<seconds>"``: stage 1 of models whose name contains ``<text>`` first sleeps
+  that long, as a large model's profile would take.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import threading
 FAULT_ENV = "RAY_PRUNE_TEST_FAULT"
 KILL_ENV = "RAY_PRUNE_TEST_KILL"
 KILL_ONCE_ENV = "RAY_PRUNE_TEST_KILL_ONCE"
+SLOW_ENV = "RAY_PRUNE_TEST_SLOW"
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sitecustomize")
 
 _state = threading.local()
@@ -114,8 +117,23 @@ def _patch_storage(module) -> None:
     cls.write_table, cls._atomic = write_table_wrapped, atomic_wrapped
 
 
+def _patch_profile_stage(module) -> None:
+    profile_model = module.profile_model
+
+    @functools.wraps(profile_model)
+    def wrapped(exp_dict, spec_dict, *args, **kwargs):
+        import time
+
+        text, _, seconds = os.environ.get(SLOW_ENV, "").rpartition(":")
+        if text and text in spec_dict["name"]:
+            time.sleep(float(seconds))
+        return profile_model(exp_dict, spec_dict, *args, **kwargs)
+
+    module.profile_model = wrapped
+
+
 _PATCHES = {"ray_prune.sweep.trial": _patch_trial, "ray_prune.sweep.tune_run": _patch_tune_run,
-            "ray_prune.ledger.storage": _patch_storage}
+            "ray_prune.ledger.storage": _patch_storage, "ray_prune.sweep.profile_stage": _patch_profile_stage}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -142,7 +160,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Wrap the fault points on import, if a fault variable is set (the sitecustomize hook calls this)."""
-    if not any(os.environ.get(k) for k in (FAULT_ENV, KILL_ENV)):
+    if not any(os.environ.get(k) for k in (FAULT_ENV, KILL_ENV, SLOW_ENV)):
         return
     if any(isinstance(f, _AfterImport) for f in sys.meta_path):
         return

@@ -9,6 +9,7 @@ import argparse
 from ray_prune.cli.flags import add_settings
 from ray_prune.core import dtypes
 from ray_prune.core.calibration import CalibrationConfig
+from ray_prune.core.cost import DEFAULT_GPU, GPU_TYPES
 from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.select import STRATEGIES
@@ -94,9 +95,17 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--storage", help="results root (local path, s3://, gs://); none: the file's storage")
     p.add_argument("--rerun", action="store_true", help="recompute every cell, even finished ones")
     p.add_argument("--check", action="store_true",
-                   help="validate the experiment and print the grid and the memory plan; run nothing")
+                   help="validate the experiment and print the grid, the memory plan and the cost plan; run nothing")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="GPU memory for the memory plan (none: resources.gpu_memory_gb)")
+                   help="GPU memory for the memory plan (none: resources.gpu_memory_gb, else the --gpu-type's)")
+    p.add_argument("--gpu-type", choices=list(GPU_TYPES), default=None,
+                   help="GPU the cost plan prices with (none: the one the GPU memory identifies, else "
+                   f"{DEFAULT_GPU})")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, metavar="PRICE",
+                   help="price of one GPU-hour: the cost plan prices the sweep with it")
+    p.add_argument("--probe", action="store_true",
+                   help="with --check: measure each model's rates on this machine's device (a few heal steps and "
+                   "evaluation batches, cached under $RAY_PRUNE_CACHE/probes) instead of the published defaults")
     p.add_argument("--max-cells", type=int, default=MAX_CELLS, metavar="N",
                    help="refuse a grid of more cells than this (checked before anything is built)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

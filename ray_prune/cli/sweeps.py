@@ -26,11 +26,26 @@ def cmd_sweep(args) -> int:
 
 
 def _check(exp, args) -> int:
-    """``sweep --check``: everything validated, the grid and the memory plan printed, nothing run."""
+    """``sweep --check``: everything validated; the grid, the memory plan and the cost plan printed; nothing run.
+    A stage that fits no GPU is refused after the plans are printed, so the refusal shows what was tried."""
+    from ray_prune.core.cost import GPU_TYPES, format_cost_table
     from ray_prune.core.memory import format_plan_table
-    from ray_prune.sweep.plan import plan
+    from ray_prune.errors import UserError
+    from ray_prune.sweep.cost_plan import gpu_type, plan_costs
+    from ray_prune.sweep.plan import plan, plan_memory
 
-    p = plan(exp, args.storage, args.rerun, check=True, gpu_memory_gb=args.gpu_memory_gb)
+    gpu = gpu_type(exp, args.gpu_type, args.gpu_memory_gb)
+    memory_gb = args.gpu_memory_gb or (GPU_TYPES[args.gpu_type].memory_gib if args.gpu_type else None) or \
+        exp.resources.gpu_memory_gb
+    # the plan without its memory plan, which is made below so that a refusal still prints it
+    bare = exp.model_copy(update={"resources": exp.resources.model_copy(update={"gpu_memory_gb": None})})
+    p = plan(bare, args.storage, args.rerun, check=True, gpu_memory_gb=None)
+    p.experiment = exp
+    refused = None
+    try:
+        plan_memory(p, memory_gb)
+    except UserError as e:
+        refused = e
     where = p.storage.uri if p.storage is not None else (args.storage or exp.storage)
     print(f"{exp.name}: {len(p.cells)} cells ({len(p.pending)} to run) over "
           f"{', '.join(f'{m} (L={L})' for m, L in p.layers.items())} -> {where}")
@@ -43,7 +58,14 @@ def _check(exp, args) -> int:
         print(format_plan_table(p.memory))
         print("configs: " + ", ".join(f"{m} ({s})" for m, s in sources.items()))
     else:
-        print("no memory plan: set resources.gpu_memory_gb (or pass --gpu-memory-gb) for GPU trials")
+        print("no memory plan: set resources.gpu_memory_gb (or pass --gpu-memory-gb or --gpu-type) for GPU trials")
+    costs = plan_costs(p, gpu, probe=args.probe)
+    print(f"cost plan ({'rates measured here' if args.probe else f'default rates of one {gpu}'}; every cell a trial):")
+    print(format_cost_table(costs.costs, args.price_per_gpu_hour))
+    for note in costs.notes:
+        print(f"note: {note}")
+    if refused is not None:
+        raise refused
     return 0
 
 

@@ -88,7 +88,8 @@ def stream_loss(model: nn.Module, stream: torch.Tensor, gold: torch.Tensor) -> f
         logits = head(hidden[start:start + step])
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        total += nn.functional.cross_entropy(logits.float(), labels[start:start + step], reduction="sum").item()
+        gold_chunk = labels[start:start + step].to(logits.device)
+        total += nn.functional.cross_entropy(logits.float(), gold_chunk, reduction="sum").item()
     return total
 
 

@@ -190,8 +190,8 @@ class _Normal:
         self.tokens = 0
 
     def add(self, m: torch.Tensor, r: torch.Tensor) -> None:
-        m = m.reshape(-1, m.shape[-1]).double()
-        r = r.reshape(-1, r.shape[-1]).double()
+        m = m.reshape(-1, m.shape[-1]).to(self.mm.device, torch.float64)
+        r = r.reshape(-1, r.shape[-1]).to(self.mm.device, torch.float64)
         self.mm += m.T @ m
         self.mr += m.T @ r
         self.rr += float((r * r).sum())
@@ -216,6 +216,7 @@ def _fold(module: nn.Module, kind: str, T: torch.Tensor) -> None:
     """Make ``module``'s output o become o T (or o * t for a diagonal t), exactly."""
     diag = T.ndim == 1
     weight = module.weight
+    T = T.to(weight.device)
     W = weight.detach().double()
     if kind == "embedding":  # rows are token vectors, and x^0 = E[ids] (times a constant scale in Gemma)
         new = W * T if diag else W @ T
@@ -306,7 +307,7 @@ def linear_repair(
                         captured.clear()
                         x = b.run(layers, start - 1, h)
                         m = captured[0]
-                        normal.add(m[:, skip:], (target - x + m)[:, skip:])
+                        normal.add(m[:, skip:], (target.to(x.device) - x + m)[:, skip:])
                 finally:
                     handle.remove()
             T = normal.solve(form, ridge)

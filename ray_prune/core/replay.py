@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ray_prune.core.architecture import decoder, decoder_layers
-from ray_prune.core.profile import block_output
+from ray_prune.core.profile import block_output, embedding_device
 from ray_prune.core.profile_streamed import _record
 
 
@@ -56,7 +56,7 @@ def record(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> list[Repl
     """A :class:`Replay` of each batch of ``blocks`` (num_blocks, seq_len), from one decoder pass per batch in which
     no block runs. Call it under ``torch.no_grad`` or ``torch.inference_mode``, as the replays will run."""
     layers, body = decoder_layers(model), decoder(model)
-    device = next(model.parameters()).device
+    device = embedding_device(model)  # a model split across devices takes its ids where the embedding runs
     out = []
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)

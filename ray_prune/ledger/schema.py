@@ -55,6 +55,7 @@ _PROGRESS = [
     ("curve_step", pa.list_(pa.int64())), ("curve_val_loss", pa.list_(pa.float64())),
     ("curve_train_loss", pa.list_(pa.float64())),
     ("adapter", pa.string()),  # healed rows: the adapter's folder under the storage root (layout.adapter_path)
+    ("computed_by", pa.string()),  # the cell whose trial computed this row, where another identical cell's did
 ]
 _COST = [
     ("wall_s", pa.float64()), ("load_s", pa.float64()), ("heal_s", pa.float64()), ("eval_s", pa.float64()),

@@ -140,7 +140,7 @@ class ProvenanceCheck:
             out += ["provenance, the same in every finished row that records it:"] + _packed(self.agreed())
         out += [f"warning: {w}" for w in self.warnings]
         if self.unknown:
-            out.append(f"note: {self.unknown}")
+            out.append(self.unknown)
         return out
 
 

@@ -28,6 +28,7 @@ from ray_prune.core.select import PLANNED_STRATEGIES
 from ray_prune.errors import UserError
 from ray_prune.sweep.sections import (CalibrationSection, EvalSection, HealSection, check_model_heal,
                                      fraction_settings)
+from ray_prune.sweep.tracking import Tracking
 
 Strict = ConfigDict(extra="forbid", frozen=True)
 MAX_FILE_BYTES = 1 << 20  # the largest shipped experiment is under 2 KB; a megabyte is a grid no one typed
@@ -114,6 +115,8 @@ class Experiment(_Strict):
     dtype: _choice(dtypes.CANONICAL) = "auto"
     texts: dict[_choice(TEXT_SOURCES), TextStream] = Field(
         default_factory=dict, description="corpora streamed from elsewhere than the hub (a data_dir mirror wins)")
+    tracking: Tracking | None = Field(None, description="experiment trackers each cell is logged to, one run per "
+                                      "cell: mlflow: <tracking URI>, wandb: {project: ...} (tracking.py)")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -45,6 +45,7 @@ class Cell:
     scored_as: str = "none"  # "nf4": every row of the cell is scored on an NF4 base, as it heals (see scored_as())
     removed_layers: list[int] = field(default_factory=list)  # filled in once the model is profiled
     table_key: str | None = None  # the stored distance table that chose removed_layers (ledger.tables), if one did
+    code_version: str = ""  # the driver's commit (core.provenance): workers may run from a copy without .git
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

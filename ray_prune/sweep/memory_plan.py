@@ -31,9 +31,12 @@ def workload(exp: Experiment, spec: ModelSpec) -> Workload:
 
 
 def plan_models(exp: Experiment, models: dict[str, ModelRecord], gpu_gib: float, gpus_per_node: int = 8,
-                order: Order = "one_gpu", headroom: float = HEADROOM) -> list[ModelPlan]:
+                order: Order = "one_gpu", headroom: float = HEADROOM, adjust: bool = True) -> list[ModelPlan]:
     """:func:`choose` for every model of an experiment (no weights, no GPU), the trial stages sized for the
-    smallest n of each model's grid."""
+    smallest n of each model's grid. ``adjust``: where a stage does not fit as the experiment sets it, the plan
+    changes the memory settings that keep the method (micro-batches at the same sequences per step, gradient
+    checkpointing, the 8-bit paged optimizer, smaller evaluation and calibration batches) and says so in each
+    model's ``ModelPlan.adjustments``, which the model's trials must then run with."""
     from ray_prune.core.select import n_from_fraction
 
     plans = []
@@ -41,5 +44,5 @@ def plan_models(exp: Experiment, models: dict[str, ModelRecord], gpu_gib: float,
         record = models[spec.name]
         n_min = min(n_from_fraction(f, record.num_layers) for f in exp.fraction_values())
         plans.append(choose(record.arch, workload(exp, spec), gpu_gib, gpus_per_node, spec.name, n_min,
-                            order=order, headroom=headroom, config_source=record.source))
+                            order=order, headroom=headroom, config_source=record.source, adjust=adjust))
     return plans

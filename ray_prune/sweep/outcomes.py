@@ -29,18 +29,22 @@ def record_outcomes(store: Storage, view, stopped_by_scheduler: set[str], interr
     with a finished or stopped healed row. The same whether the grid ran out or a signal cut it short, so a fast
     stop loses nothing a slow one would keep."""
     done = 0
-    for cell_id, (cell, last, error) in list(view.ended.items()):
+    for cell_id, (spec, last, error) in list(view.ended.items()):
+        cell = spec.cell
         if _row_status(store, row_path(cell.model, cell.cell_id, "healed")) == "finished":
-            done += 1
-            continue  # the trial wrote its own row; a failed row of an earlier run is replaced below
+            done += len(spec.cells("healed"))
+            continue  # the trial wrote its own rows; a failed row of an earlier run is replaced below
         failed_at = view.failed_at.get(cell_id)
         if error is not None and (interrupted_at is None or (failed_at is not None and failed_at < interrupted_at)):
-            row = failure_row(cell, "failed", error, last)
+            status = "failed"
         elif cell_id in stopped_by_scheduler and not last.get("completed"):
-            row = failure_row(cell, "stopped", None, last)
-            done += 1
+            status = "stopped"
+            done += len(spec.cells("healed"))
         else:
             continue  # cut off by an interrupt: no row, so the next run runs it
-        write_row(store, {**row, **curve_columns(view.curves.get(cell_id, [])),
-                          "attempts": 1 + view.retries.get(cell_id, 0)})
+        for twin in spec.cells("healed"):  # the cell and the identical cells its trial served
+            row = failure_row(twin, status, error if status == "failed" else None, last)
+            write_row(store, {**row, **curve_columns(view.curves.get(cell_id, [])),
+                              "attempts": 1 + view.retries.get(cell_id, 0),
+                              "computed_by": None if twin is cell else cell.cell_id})
     return done

@@ -93,6 +93,7 @@ class Plan:
     ledger: dict[tuple[str, str], str]  # (cell_id, stage) -> status of the rows already there
     table_keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, calibration id) -> table key
     merged: list[str] = field(default_factory=list)  # fractions that share another's cell (grid.merged_fractions)
+    code_version: str = ""  # this checkout's commit (core.provenance.code_version), which every row records
     memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, once the GPU size is known
     storage_note: str = ""  # why storage was not checked (--check on a machine that cannot reach it)
 
@@ -141,8 +142,10 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
                                                            and calibration_id(c.calibration) == cid))
             for m, cid in keys}
     layers = {name: m.num_layers for name, m in models.items()}
+    from ray_prune.core.provenance import code_version
+
     p = Plan(exp, storage, str(root) if root else None, models, cells, pending, ledger, keys,
-             merged_fractions(exp, layers), storage_note=note)
+             merged_fractions(exp, layers), code_version(), storage_note=note)
     plan_memory(p, gpu_memory_gb or exp.resources.gpu_memory_gb)
     return p
 

@@ -83,7 +83,8 @@ def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str |
 
 
 def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, quantize: str,
-                    blocks: dict, need_baseline: bool, profile_s: float) -> tuple[dict[str, float], float | None]:
+                    blocks: dict, need_baseline: bool, profile_s: float,
+                    code_version: str = "") -> tuple[dict[str, float], float | None]:
     """The unpruned model in one scoring precision: its selection losses (ASHA's reference) and baseline row."""
     from ray_prune.core.architecture import family_of, num_layers
     from ray_prune.core.loss import next_token_loss
@@ -110,8 +111,9 @@ def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir
              f", C4 loss on {exp.eval.c4_sequences} blocks" if exp.eval.c4_sequences else "")
     t = time.perf_counter()
     flat = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
-    cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model), exp.calibrations()[0].model_dump(),
-                         exp.eval.model_dump(), exp.dtype, baseline_id(exp, spec.name, quantize))
+    cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model),
+                         exp.calibrations()[0].model_dump(), exp.eval.model_dump(), exp.dtype,
+                         baseline_id(exp, spec.name, quantize), quantize, code_version)
     wall = time.perf_counter() - t
     write_row(storage, cell_row(cell, "baseline", "finished", family=family_of(model)[0], **flat, loss_ratio=1.0,
                                 eval_precision=how.label, wall_s=wall, profile_s=profile_s,
@@ -141,7 +143,7 @@ class _Forward(logging.Handler):
 
 def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None,
                   tables: list[tuple[str, dict]], baselines: list[str], threads: int, streamed: bool = False,
-                  gpus: float = 0.0, queue=None) -> Profiled:
+                  gpus: float = 0.0, queue=None, code_version: str = "") -> Profiled:
     """Stage 1 for one model (inside its actor): shared blocks, distance tables, references and baselines.
 
     ``tables``: (key, calibration settings) of each distance table to compute and store (those not stored whole
@@ -166,26 +168,9 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     losses: dict[str, float | None] = {}
     for quantize in exp.precisions(spec):
         ref, losses[quantize] = _score_unpruned(exp, spec, storage, data_dir, quantize, blocks,
-                                                quantize in baselines, profile_s)
+                                                quantize in baselines, profile_s, code_version)
         references.update(ref)
     return Profiled(blocks, references, losses, profile_s, notes)
-
-
-def _wait(fut, interrupts: Interrupts | None, drain=None) -> None:
-    """Wait for ``fut`` in short slices: a blocking ``ray.get`` would hold Ctrl-C off for the whole stage, and a
-    signal raised inside Ray's wait surfaces as a SystemError, so the handler only records it here. ``drain``
-    prints what the actors said meanwhile."""
-    import ray
-
-    while True:
-        with interrupts.during("waiting") if interrupts else contextlib.nullcontext():
-            done = ray.wait([fut], timeout=0.5)[0]
-        if drain is not None:
-            drain()
-        if interrupts:
-            interrupts.check()
-        if done:
-            return
 
 
 def _tables_to_make(p: Plan, model: str, rerun: bool, say) -> list[tuple[str, dict]]:
@@ -213,60 +198,108 @@ def _tables_to_make(p: Plan, model: str, rerun: bool, say) -> list[tuple[str, di
     return out
 
 
-def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
-                      interrupts: Interrupts | None = None, say=print) -> dict[str, Profiled]:
-    """Profile every model that still has work, one actor each, in parallel; fill in earlier baselines' losses.
-    ``say`` prints progress (the actors' too); None is quiet."""
-    import ray
+class Stage1:
+    """Stage 1 of a sweep, under way: one profiling actor per model with work, each model's result collected as
+    soon as its actor ends (``poll``), so that model's trials can start while the others still profile."""
 
-    exp, store = p.experiment, p.storage
-    profiler = ray.remote(profile_model)
-    queue, t0 = None, time.monotonic()
-    quiet = say is None
-    say = say or (lambda *a, **k: None)
-    if not quiet:
-        from ray.util.queue import Queue
+    def __init__(self, p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool, say=None) -> None:
+        import ray
 
-        queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        self.p, self.t0 = p, time.monotonic()
+        self.say = say or (lambda *a, **k: None)
+        self.queue = None
+        if say is not None:
+            from ray.util.queue import Queue
 
-    def drain() -> None:
-        while queue is not None and not queue.empty():
+            self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        exp, store = p.experiment, p.storage
+        profiler = ray.remote(profile_model)
+        self.futures: dict[str, Any] = {}
+        for m in p.models_with_work():
+            tables = _tables_to_make(p, m.name, rerun, self.say)
+            baselines = [q for q in exp.precisions(m)
+                         if rerun or p.ledger.get((baseline_id(exp, m.name, q), "baseline")) != "finished"]
+            g = gpus[m.name]
+            self.futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
+                exp.model_dump(), m.model_dump(), store.uri, p.data_dir, tables, baselines, cpus, g["streamed"],
+                g["profile"], self.queue, p.code_version)
+
+    @property
+    def pending(self) -> list[str]:
+        return list(self.futures)
+
+    def drain(self) -> None:
+        """Print what the actors said since the last call."""
+        while self.queue is not None and not self.queue.empty():
             try:
-                line = queue.get_nowait()
+                line = self.queue.get_nowait()
             except Exception:  # noqa: BLE001 - emptied meanwhile
                 return
-            say(f"  [{_clock(time.monotonic() - t0)}] {line}")
+            self.say(f"  [{_clock(time.monotonic() - self.t0)}] {line}")
 
-    futures = {}
-    for m in p.models_with_work():
-        tables = _tables_to_make(p, m.name, rerun, say)
-        baselines = [q for q in exp.precisions(m)
-                     if rerun or p.ledger.get((baseline_id(exp, m.name, q), "baseline")) != "finished"]
-        g = gpus[m.name]
-        futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
-            exp.model_dump(), m.model_dump(), store.uri, p.data_dir, tables, baselines, cpus, g["streamed"],
-            g["profile"], queue)
+    def poll(self, timeout: float = 0.0) -> list[tuple[str, Profiled]]:
+        """The models whose stage 1 ended (waiting up to ``timeout`` for one), with what it hands their trials; a
+        stage-1 failure raises (a UserError as itself)."""
+        import ray
+
+        self.drain()
+        if not self.futures:
+            return []
+        names = {f: n for n, f in self.futures.items()}
+        done, _ = ray.wait(list(names), num_returns=len(names), timeout=timeout)
+        out = []
+        for fut in done:
+            name = names[fut]
+            del self.futures[name]
+            try:
+                profiled = ray.get(fut)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(getattr(e, "cause", None), UserError):
+                    raise e.cause from None
+                raise
+            for note in profiled.notes:
+                self.say(note)
+            if any(v is None for v in profiled.baseline_loss.values()):
+                _earlier_baselines(self.p, {name: profiled})
+            self.say(f"stage 1 done for {name} ({_clock(time.monotonic() - self.t0)})")
+            out.append((name, profiled))
+        self.drain()
+        return out
+
+    def cancel(self) -> None:
+        """Stop the actors still profiling: on a shared cluster they would go on for nobody."""
+        import ray
+
+        for fut in self.futures.values():
+            ray.cancel(fut, force=True)
+        self.futures.clear()
+        self.close()
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.drain()
+            self.queue.shutdown()
+            self.queue = None
+
+
+def run_profile_stage(p: Plan, gpus: dict[str, dict], cpus: int, rerun: bool,
+                      interrupts: Interrupts | None = None, say=print) -> dict[str, Profiled]:
+    """Profile every model that still has work and wait for all of them (a notebook's, or a benchmark's, way;
+    the sweep starts each model's trials as its own stage 1 ends, ``cell_feed``). ``say`` prints progress (the
+    actors' too); None is quiet."""
+    stage = Stage1(p, gpus, cpus, rerun, say)
     out: dict[str, Profiled] = {}
-    for name, fut in futures.items():
-        try:
-            _wait(fut, interrupts, drain)
-        except SweepInterrupted:
-            for f in futures.values():
-                ray.cancel(f, force=True)  # on a shared cluster the actors would go on profiling for nobody
-            raise
-        try:
-            out[name] = ray.get(fut)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(getattr(e, "cause", None), UserError):
-                raise e.cause from None
-            raise
-        for note in out[name].notes:
-            say(note)
-    drain()
-    if queue is not None:
-        queue.shutdown()
-    if any(v is None for r in out.values() for v in r.baseline_loss.values()):
-        _earlier_baselines(p, out)
+    try:
+        while stage.pending:
+            with interrupts.during("waiting") if interrupts else contextlib.nullcontext():
+                ready = stage.poll(timeout=0.5)
+            if interrupts:
+                interrupts.check()
+            out.update(ready)
+    except BaseException:
+        stage.cancel()
+        raise
+    stage.close()
     return out
 
 
@@ -288,10 +321,11 @@ def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
                 r.baseline_loss[quantize] = float(hit["c4_loss"].iloc[0])
 
 
-def load_tables(p: Plan) -> dict[tuple[str, str], Any]:
+def load_tables(p: Plan, model: str | None = None) -> dict[tuple[str, str], Any]:
     """(model, calibration id) -> the distance table its pending cells choose layers by (stage 1 made or checked
-    each)."""
-    wanted = {(c.model, calibration_id(c.calibration)) for c in p.pending if c.strategy in USES_CALIBRATION and c.n}
+    each); of one model, or of all."""
+    wanted = {(c.model, calibration_id(c.calibration)) for c in p.pending
+              if c.strategy in USES_CALIBRATION and c.n and model in (None, c.model)}
     return {k: read_distance_table(p.storage, k[0], p.table_keys[k]) for k in sorted(wanted)}
 
 

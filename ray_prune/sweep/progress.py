@@ -55,8 +55,9 @@ def _clock(seconds: float) -> str:
 
 class ProgressView(tune.Callback):
     def __init__(self, totals: dict[str, int], out: TextIO | None = None, enabled: bool = True,
-                 costs: dict[str, float] | None = None) -> None:
+                 costs: dict[str, float] | None = None, tick=None) -> None:
         self.totals = totals
+        self.tick = tick  # called at every step of Tune's loop (stage 1's progress lines, printed as they come)
         self.costs = costs or {}  # cell id -> planned cost (order.trial_cost); equal weights where missing
         self.progress: dict[str, float] = {}  # cell id -> share of its work done (heal steps reported / planned)
         self.out = out  # None: sys.stdout at print time (Tune pickles callbacks; streams do not pickle)
@@ -67,12 +68,20 @@ class ProgressView(tune.Callback):
         self.durations: list[float] = []
         self.retries: dict[str, int] = {}  # cell id -> times Tune restarted it after a failure
         self.failed_at: dict[str, float] = {}  # cell id -> time.monotonic() when its last retry failed
-        self.ended: dict[str, tuple] = {}  # cell id -> (Cell, last result, error text or None) of trials that ended
+        self.ended: dict[str, tuple] = {}  # cell id -> (TrialSpec, last result, error or None) of trials that ended
         self.curves: dict[str, list[tuple]] = {}  # cell id -> heal curve reported so far: (step, val loss, train loss)
         self.t0 = time.monotonic()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "out": None}
+        return {**self.__dict__, "out": None, "tick": None}
+
+    def set_total(self, model: str, total: int) -> None:
+        """A model's trials, once known (identical cells fold into one trial when its layers are chosen)."""
+        self.totals[model] = total
+
+    def on_step(self, iteration, trials, **info):
+        if self.tick is not None:
+            self.tick()
 
     def _model(self, trial) -> str:
         return trial.config["run"].cell.model
@@ -138,9 +147,10 @@ class ProgressView(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.durations.append(time.monotonic() - self.started.get(trial.trial_id, self.t0))
         done = bool((trial.last_result or {}).get("completed"))
-        cell = trial.config["run"].cell
+        spec = trial.config["run"]
+        cell = spec.cell
         self.progress[cell.cell_id] = 1.0  # stopped early counts as done: its remaining work will not run
-        self.ended[cell.cell_id] = (cell, dict(trial.last_result or {}), None)
+        self.ended[cell.cell_id] = (spec, dict(trial.last_result or {}), None)
         self._set(trial, "done" if done else "stopped")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -150,11 +160,12 @@ class ProgressView(tune.Callback):
                  f"{_last_line(trial)}; retrying ({self.retries[cell.cell_id]})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        cell = trial.config["run"].cell
+        spec = trial.config["run"]
+        cell = spec.cell
         self.failed_at[cell.cell_id] = time.monotonic()
         self.progress[cell.cell_id] = 1.0
         error = trial_error(trial)
-        self.ended[cell.cell_id] = (cell, dict(trial.last_result or {}), error)
+        self.ended[cell.cell_id] = (spec, dict(trial.last_result or {}), error)
         self.say(f"cell {cell.cell_id} ({cell.model}, n={cell.n}, {cell.strategy}) failed for good: "
                  f"{_last_line(trial, str(error))}")
         self._set(trial, "failed")

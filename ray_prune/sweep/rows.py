@@ -37,17 +37,18 @@ def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any
         "trust_remote_code": bool(cell.trust_remote_code), "num_layers": cell.num_layers, "n": cell.n,
         "fraction": cell.fraction, "fraction_removed": cell.n / cell.num_layers, "strategy": cell.strategy,
         "removed_layers": list(cell.removed_layers), "seed": cell.seed if healed else None,
-        **_provenance(cell, extra), **(heal_values(cell.heal) if healed else {}),
+        **_provenance(cell, extra), **({"code_version": cell.code_version} if cell.code_version else {}),
+        **(heal_values(cell.heal) if healed else {}),
         **(calibration_values(cell.calibration, cell.table_key) if cell.table_key else {}), **extra,
     }
 
 
 def baseline_cell(exp_name: str, model: str, trust_remote_code: bool, num_layers: int, calibration: dict,
-                  evaluation: dict, dtype: str, cell_id: str) -> Cell:
+                  evaluation: dict, dtype: str, cell_id: str, scored_as: str = "none", code_version: str = "") -> Cell:
     """The unpruned model as a cell of its own (n = 0, strategy ``none``), for its baseline row."""
     return Cell(experiment=exp_name, model=model, trust_remote_code=trust_remote_code, num_layers=num_layers,
                 fraction=0.0, n=0, strategy="none", seed=0, heal={}, calibration=calibration, eval=evaluation,
-                dtype=dtype, cell_id=cell_id, unhealed_id="")
+                dtype=dtype, cell_id=cell_id, unhealed_id="", scored_as=scored_as, code_version=code_version)
 
 
 def curve_columns(points: list[tuple[int, float, float]]) -> dict[str, list]:

@@ -15,7 +15,6 @@ import logging
 from dataclasses import replace
 from typing import Callable, NoReturn
 
-import ray_prune
 from ray_prune.errors import UserError
 from ray_prune.ledger.rows import load_results, save_experiment_record, upgrade_layout
 from ray_prune.sweep.experiment import Experiment, load_experiment
@@ -69,18 +68,20 @@ def _lost(p: Plan, holder: dict) -> UserError:
 
 def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, interrupts: Interrupts, lock,
                  exit_on_interrupt):
+    from ray_prune.sweep.cell_feed import CellFeed
     from ray_prune.sweep.cluster import connect, trial_resources
-    from ray_prune.sweep.order import longest_first
+    from ray_prune.sweep.order import trial_cost
     from ray_prune.sweep.outcomes import record_outcomes
-    from ray_prune.sweep.profile_stage import load_tables, run_profile_stage
+    from ray_prune.sweep.profile_stage import Stage1, load_tables
     from ray_prune.sweep.progress import ProgressView
+    from ray_prune.sweep.trial import fold_identical
     from ray_prune.sweep.tune_run import make_scheduler, run_tune
 
     exp, store = p.experiment, p.storage
     # Every cell in full, so what the sweep expects is read from storage, never rebuilt (report/, status).
     save_experiment_record(store, exp.name, {"experiment": exp.model_dump(mode="json"), "layers": p.layers,
                                              "cells": [c.to_dict() for c in p.cells],
-                                             "code_version": ray_prune.__version__})
+                                             "code_version": p.code_version})
     say = print if progress else (lambda *a, **k: None)
     if p.storage_note:
         say(p.storage_note)
@@ -95,22 +96,31 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     interrupts.arm()
     gpus, cpus = trial_resources(exp)
     per_model = _gpus_per_model(p, gpus, say)
-    say(f"stage 1: profiling {len(p.models_with_work())} model(s) on {'GPU' if gpus else 'CPU'}")
-    profiled = run_profile_stage(p, per_model, cpus, rerun, interrupts, say if progress else None)
-    tables = load_tables(p)
-    specs = longest_first([_trial_spec(c, p, profiled[c.model], tables, cpus, per_model[c.model]["trial"])
-                           for c in p.pending], p.models)
-
-    _write_mergekit_configs(store, specs, p, say)
+    models = p.models_with_work()
+    say(f"stage 1: profiling {len(models)} model(s) on {'GPU' if gpus else 'CPU'}; each model's trials start "
+        "as soon as its own stage 1 ends")
+    stage1 = Stage1(p, per_model, cpus, rerun, say if progress else None)
     totals: dict[str, int] = {}
-    for s in specs:
-        totals[s.cell.model] = totals.get(s.cell.model, 0) + 1
-    from ray_prune.sweep.order import trial_cost
+    for c in p.pending:
+        totals[c.model] = totals.get(c.model, 0) + 1
+    view = ProgressView(totals, enabled=progress, costs={}, tick=stage1.drain)
 
-    costs = {s.cell.cell_id: trial_cost(s.cell, s.do_unhealed, p.models.get(s.cell.model)) for s in specs}
-    view = ProgressView(totals, enabled=progress, costs=costs)
-    scheduler = make_scheduler(exp, specs)
-    already = len(p.cells) - len(specs)
+    def build(model: str, profiled) -> list:
+        """A model's trials, once its stage 1 ended: its cells with their layers chosen, identical ones folded."""
+        tables = load_tables(p, model)
+        specs = fold_identical([_trial_spec(c, p, profiled, tables, cpus, per_model[model]["trial"])
+                                for c in p.pending if c.model == model])
+        _write_mergekit_configs(store, specs, p, say)
+        folded = sum(len(s.twins) for s in specs)
+        say(f"stage 2 for {model}: {len(specs)} trial(s)" + (f" ({folded} cell(s) computed by an identical "
+                                                              "cell's trial)" if folded else ""))
+        view.set_total(model, len(specs))
+        view.costs.update({s.cell.cell_id: trial_cost(s.cell, s.do_unhealed, p.models.get(model)) for s in specs})
+        return specs
+
+    feed = CellFeed(stage1, build, cost=lambda s: view.costs.get(s.cell.cell_id, 0.0))
+    scheduler = make_scheduler(exp, p.pending)
+    already = len(p.cells) - len(p.pending)
 
     def stop_now(signum: int) -> NoReturn:
         """The fast stop (``exit_on_interrupt``): what the slow one would write, then out."""
@@ -120,12 +130,17 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
             raise _lost(p, lock.lost)
         exit_on_interrupt(SweepInterrupted(signum, already + done, len(p.cells)))
 
-    say(f"stage 2: {len(specs)} trials, {gpus:g} GPU + {cpus} CPU each, scheduler {exp.scheduler.type}")
+    say(f"stage 2: {gpus:g} GPU + {cpus} CPU per trial, scheduler {exp.scheduler.type}")
     interrupts.check()
     interrupts.stop_now = stop_now if exit_on_interrupt is not None else None
-    with interrupts.during("tune"):
-        run_tune(exp, store, specs, gpus, cpus, [view], scheduler)
-    interrupts.stop_now = None
+    try:
+        with interrupts.during("tune"):
+            run_tune(exp, store, feed, gpus, cpus, [view], scheduler)
+    finally:
+        interrupts.stop_now = None
+        stage1.cancel()  # after an interrupt or a failure, no actor goes on profiling for nobody
+    if feed.error is not None:
+        raise feed.error
     with interrupts.during("writing"):
         done = record_outcomes(store, view, getattr(scheduler, "stopped", set()), interrupts.at)
     interrupts.check(already + done, len(p.cells))
@@ -169,7 +184,7 @@ def _trial_spec(c, p: Plan, profiled, tables: dict, cpus: int, gpus: float):
         if need.role == "test" or (c.heals and need.seq_len == c.heal["seq_len"]):
             blocks[need.role] = path
     return TrialSpec(
-        cell=replace(c, removed_layers=removed, table_key=key), storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
+        cell=replace(c, removed_layers=removed, table_key=key, code_version=p.code_version), storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
         baseline_loss=profiled.baseline_loss.get(c.scored_as),
         reference_loss=profiled.heal_reference.get(reference_key(c.scored_as, c.heal.get("seq_len"),
                                                                   c.heal.get("val_sequences"))),
@@ -184,8 +199,7 @@ def _write_mergekit_configs(store, specs, p: Plan, say) -> None:
     from ray_prune.ledger.layout import mergekit_path
 
     refused: dict[str, str] = {}
-    for s in specs:
-        c = s.cell
+    for c in (cell for s in specs for cell in (s.cell, *s.twins)):
         if c.model in refused or not c.removed_layers:
             continue
         path = mergekit_path(c.model, c.cell_id)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ray_prune.ledger.layout import adapter_path
+from ray_prune.ledger.layout import adapter_path, stable_hash
 from ray_prune.ledger.rows import write_row
 from ray_prune.ledger.schema import flatten_metrics
 from ray_prune.ledger.storage import Storage
@@ -42,10 +42,49 @@ class TrialSpec:
     threads: int
     baseline_loss: float | None  # the unpruned model's C4 loss, same precision: rows' loss_ratio
     reference_loss: float | None  # the unpruned model's selection loss: what ASHA compares heal losses by
-    do_unhealed: bool  # this trial owns its pruned model's unhealed row
+    do_unhealed: bool  # this trial owns its pruned model's unhealed row (or one of its twins does)
     blocks: dict[str, str] = field(default_factory=dict)  # role -> stored token blocks (shared_blocks)
     gpus: float = 0.0  # what Ray gives the trial (the memory plan's GPUs for this model); > 1: model spread on them
+    twins: list[Cell] = field(default_factory=list)  # cells whose every input is this cell's: they get its rows
 
+    def cells(self, stage: str) -> list[Cell]:
+        """The cells that get a row of ``stage`` from this trial: the unhealed row goes to each cell that owns its
+        pruned model's unhealed row, the healed row to every cell."""
+        every = [self.cell, *self.twins]
+        return [c for c in every if c.owns_unhealed] if stage == "unhealed" else every
+
+
+def computation_key(cell: Cell) -> str:
+    """What a cell computes, whatever it is called: its model, the layers it removes, how it heals and is scored.
+    Cells with the same key (say, a similarity and a deepest cell that remove the same block) compute the same
+    numbers, so one trial serves them all."""
+    from ray_prune.sweep.grid import heal_identity
+
+    return stable_hash({"model": cell.model, "removed": list(cell.removed_layers), "heal": heal_identity(cell.heal),
+                        "seed": cell.seed, "scored": cell.scored_as, "eval": cell.eval, "dtype": cell.dtype})
+
+
+def fold_identical(specs: list[TrialSpec]) -> list[TrialSpec]:
+    """One trial per computation (``computation_key``): the first cell of each group runs, the others become its
+    twins and get the same rows, each recording which cell's trial computed it (``computed_by``)."""
+    groups: dict[str, TrialSpec] = {}
+    for spec in specs:
+        key = computation_key(spec.cell)
+        if key not in groups:
+            groups[key] = spec
+            continue
+        first = groups[key]
+        first.twins.append(spec.cell)
+        first.do_unhealed = first.do_unhealed or spec.do_unhealed
+    return list(groups.values())
+
+
+def write_stage_rows(storage: Storage, spec: TrialSpec, stage: str, status: str, **fields: Any) -> None:
+    """A stage's row for every cell this trial serves (``TrialSpec.cells``): the twins' say which cell computed
+    them."""
+    for cell in spec.cells(stage):
+        computed_by = None if cell is spec.cell else spec.cell.cell_id
+        write_row(storage, cell_row(cell, stage, status, **fields, computed_by=computed_by))
 
 def run_evaluation(model, tokenizer, evaluation: dict[str, Any], data_dir: str | None,
                    c4_blocks: torch.Tensor | None = None) -> dict[str, float]:
@@ -92,9 +131,9 @@ def evaluate_unhealed(spec: TrialSpec, storage: Storage, model, tok, family: str
     t = time.perf_counter()
     scores = run_evaluation(model, tok, ev, spec.data_dir, _blocks(spec, storage, "test"))
     wall = time.perf_counter() - t
-    write_row(storage, cell_row(cell, "unhealed", "finished", family=family, **scores, eval_precision=how.label,
-                                loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss), wall_s=wall,
-                                eval_s=wall, gpu_s=device_seconds(wall), device=str(next(model.parameters()).device)))
+    write_stage_rows(storage, spec, "unhealed", "finished", family=family, **scores, eval_precision=how.label,
+                     loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss), wall_s=wall, eval_s=wall,
+                     gpu_s=device_seconds(wall), device=str(next(model.parameters()).device))
 
 
 def heal_cell(spec: TrialSpec, storage: Storage, model, tok, work: Path, last: dict[str, Any],
@@ -149,13 +188,13 @@ def evaluate_healed(spec: TrialSpec, storage: Storage, peft_model, tok, family: 
     eval_s = time.perf_counter() - t
     wall = time.perf_counter() - timing["t0"]
     final = reports[-1] if reports else None
-    write_row(storage, cell_row(
-        spec.cell, "healed", "finished", family=family, **scores, eval_precision=how.label, adapter=adapter,
+    write_stage_rows(
+        storage, spec, "healed", "finished", family=family, **scores, eval_precision=how.label, adapter=adapter,
         heal_val_loss=final.val_loss if final else None, loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss),
         steps_done=final.step if final else 0, resumed_from_step=resumed_from_step,
         tokens_seen=final.tokens_seen if final else 0, heal_s=timing["heal_s"], eval_s=eval_s,
         load_s=timing["load_s"], wall_s=wall, gpu_s=device_seconds(wall), device=device,
-        **curve_columns([(r.step, r.val_loss, r.train_loss) for r in reports])))
+        **curve_columns([(r.step, r.val_loss, r.train_loss) for r in reports]))
 
 
 def run_cell(spec: TrialSpec, report: Report | None = None, resume_from: str | None = None) -> dict[str, Any]:

@@ -35,10 +35,12 @@ def trainable(config: dict[str, Any]) -> None:
     _release_memory()  # the previous trial of this worker (reuse_actors) has ended: its frames are gone
     spec: TrialSpec = config["run"]
     torch.set_num_threads(max(1, spec.threads))
+    wait_for_free_gpus()
     checkpoint = tune.get_checkpoint()
     resume = checkpoint.to_directory() if checkpoint is not None else None
-    if spec.do_unhealed and Storage(spec.storage_uri).exists(_unhealed_path(spec)):
-        spec = TrialSpec(**{**spec.__dict__, "do_unhealed": False})  # a retry: the unhealed row is already there
+    storage = Storage(spec.storage_uri)
+    if spec.do_unhealed and all(storage.exists(_unhealed_path(c)) for c in spec.cells("unhealed")):
+        spec = TrialSpec(**{**spec.__dict__, "do_unhealed": False})  # a retry: the unhealed rows are there
     run_cell(spec, report=report_to_tune, resume_from=resume)
 
 
@@ -56,21 +58,53 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _unhealed_path(spec: TrialSpec) -> str:
+def _unhealed_path(cell) -> str:
     from ray_prune.ledger.layout import row_path
 
-    return row_path(spec.cell.model, spec.cell.unhealed_id, "unhealed")
+    return row_path(cell.model, cell.unhealed_id, "unhealed")
 
 
-def make_scheduler(exp: Experiment, specs: list[TrialSpec]):
-    """ASHA within each pruned model (``scheduler.GroupedASHA``), or FIFO; its ``stopped`` names ASHA's stops."""
+GPU_BUSY_GIB = 2.0  # memory in use on a GPU before this trial loads anything, above which it is taken to be busy
+GPU_WAIT_S = 60.0  # how long a trial waits for a busy GPU to free up (an earlier trial's process winding down)
+
+
+def wait_for_free_gpus(busy_gib: float = GPU_BUSY_GIB, wait_s: float = GPU_WAIT_S) -> None:
+    """Before a GPU trial loads its model, the GPUs Ray gave it must be free: a process that has not let go of
+    its memory (an earlier trial's, winding down) would make this trial run out of memory half-way, after its
+    load. Wait up to ``wait_s`` for memory in use to fall under ``busy_gib``, then fail with a clear message
+    (Tune retries the trial)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        busy = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            used = (total - free) / 2**30
+            if used > busy_gib:
+                busy.append(f"GPU {i} ({torch.cuda.get_device_name(i)}) has {used:.1f} of {total / 2**30:.0f} GiB "
+                            "in use")
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("; ".join(busy) + f" before this trial loaded anything, after {wait_s:.0f} s of "
+                               "waiting: another process holds it (nvidia-smi names it). Stop it, or give the sweep "
+                               "GPUs of its own")
+        time.sleep(2.0)
+
+
+def make_scheduler(exp: Experiment, cells: list):
+    """ASHA within each pruned model (``scheduler.GroupedASHA``), or FIFO; its ``stopped`` names ASHA's stops.
+    ``cells``: those the sweep will run (their heal steps bound ASHA's time axis)."""
     from ray.tune.schedulers import FIFOScheduler
 
     from ray_prune.sweep.scheduler import GroupedASHA
 
     if exp.scheduler.type != "asha":
         return FIFOScheduler()
-    max_steps = max(s.cell.heal["steps"] for s in specs)
+    max_steps = max([c.heal["steps"] for c in cells if c.heals] or [1])
     # max_t one past the last step: ASHA stops any trial that reaches max_t, which would cut off the healed eval.
     return GroupedASHA(group_of=lambda cfg: f"{cfg['run'].cell.unhealed_id}:{cfg['run'].cell.seed}",
                        time_attr="heal_step", metric="loss_ratio", mode="min", max_t=max_steps + 1,
@@ -92,13 +126,27 @@ def _keep_secrets_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = frozenset(set(class_cache.ENV_VARS_TO_PROPAGATE) - set(SECRET_ENV_VARS))
 
 
-def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: float, cpus: int, callbacks: list,
-             scheduler):
-    """Fit the grid; returns Tune's ResultGrid. What each trial did is read from ``callbacks`` (the live view) and
-    from the ``scheduler`` (which cells ASHA stopped)."""
+def tune_config(exp: Experiment, feed, scheduler, gpus: float):
+    """The Tune configuration of a sweep: the trials come from ``feed`` (``cell_feed.CellFeed``), as many as it
+    gives. On CPUs one worker process serves trial after trial (``reuse_actors``): Python start and the torch,
+    transformers, peft and lm-eval imports are paid once per slot, not once per cell (measured: 17 s -> 9 s of
+    fixed cost per trial). On GPUs every trial gets a fresh process: a reused process keeps what CUDA's caching
+    allocator and bitsandbytes hold (Ray issues 32725 and 30414), which the next trial's memory plan does not
+    count."""
+    from ray import tune
+
+    return tune.TuneConfig(search_alg=feed, num_samples=-1, scheduler=scheduler,
+                           max_concurrent_trials=exp.resources.max_concurrent, reuse_actors=not gpus)
+
+
+def run_tune(exp: Experiment, store: Storage, feed, gpus: float, cpus: int, callbacks: list, scheduler):
+    """Fit the trials ``feed`` gives; returns Tune's ResultGrid. What each trial did is read from ``callbacks``
+    (the live view) and from the ``scheduler`` (which cells ASHA stopped); the experiment's trackers (``tracking``)
+    join them."""
     from ray import tune
 
     from ray_prune.ledger.layout import TUNE
+    from ray_prune.sweep.tracking import callbacks as tracker_callbacks
 
     # Tune snapshots its state at every checkpoint; that is wanted here, and its warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -117,19 +165,13 @@ def run_tune(exp: Experiment, store: Storage, specs: list[TrialSpec], gpus: floa
     tuner = tune.Tuner(
         # each trial asks for its own model's GPUs (the memory plan's), others' fit the same nodes
         tune.with_resources(trainable, lambda config: {"cpu": cpus, "gpu": config["run"].gpus}),
-        param_space={"run": tune.grid_search(specs)},
-        tune_config=tune.TuneConfig(scheduler=scheduler,
-                                    max_concurrent_trials=exp.resources.max_concurrent,
-                                    # one worker process serves trial after trial (when their resources match):
-                                    # Python start and the torch, transformers, peft and lm-eval imports are
-                                    # paid once per slot, not once per cell
-                                    reuse_actors=True),
+        tune_config=tune_config(exp, feed, scheduler, gpus),
         run_config=tune.RunConfig(
             name=f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(tune_root) if tune_root is not None else store.path(TUNE),
             storage_filesystem=None if tune_root is not None else store.fs,
             failure_config=tune.FailureConfig(max_failures=exp.resources.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=callbacks, verbose=0),
+            callbacks=[*callbacks, *tracker_callbacks(exp)], verbose=0),
     )
     return tuner.fit()

@@ -97,15 +97,14 @@ def test_task_hashes_are_stable_and_change_with_what_lm_eval_reads(tmp_path):
 
     changed = _copy(tmp_path, "changed")
     _edit(changed / "_rp_mmlu_template.yaml", "num_fewshot: 5", "num_fewshot: 3")  # MMLU's template
-    _edit(changed / "rp_mmlu_anatomy.yaml", "about anatomy", "on anatomy")  # one of the 57 subjects
-    _edit(changed / "rp_gsm8k.yaml", "version: 3.0", "version: 3.1")  # the task version
-    _edit(changed / "hub_schema.py", "def boolq", "def boolq_unused():\n    pass\n\n\ndef boolq")  # !function code
+    _edit(changed / "rp_gsm8k.yaml", "version: 3.0", "version: 3.1")  # a task version
+    _edit(changed / "rp_arc_easy.yaml", 'doc_to_text: "Question:', 'doc_to_text: "Q:')  # ARC-Challenge includes it
+    _edit(changed / "winogrande_partial.py", "def doc_to_text", "def unused():\n    pass\n\n\ndef doc_to_text")
+    referencing = [p.name for p in TASKS_DIR.glob("*.yaml") if "winogrande_partial." in p.read_text()]
+    assert referencing == ["rp_winogrande.yaml"]  # the !function module only WinoGrande runs
+    assert "include: rp_arc_easy.yaml" in (TASKS_DIR / "rp_arc_challenge.yaml").read_text()
     new = provenance.task_config_hashes(tasks, changed)
-    differ = {t for t in tasks if new[t] != own[t]}
-    uses_hub_schema = {t for t in tasks if "hub_schema" in (TASKS_DIR / f"{TASKS[t].lm_eval_tasks[0]}.yaml").read_text()}
-    uses_hub_schema |= {"arc_challenge"} if "arc_easy" in uses_hub_schema else set()  # it includes arc_easy
-    assert differ == {"mmlu", "gsm8k"} | uses_hub_schema
-    assert "boolq" in differ and "arc_challenge" in differ
+    assert {t for t in tasks if new[t] != own[t]} == {"mmlu", "gsm8k", "arc_easy", "arc_challenge", "winogrande"}
 
 
 def test_each_mmlu_subject_counts(tmp_path):

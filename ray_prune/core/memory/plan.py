@@ -39,8 +39,8 @@ How each term is sized, where its number comes from and how accurate it is: ``me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ray_prune.core.heal.config import HealConfig
@@ -198,17 +198,24 @@ def _healed_terms(arch: Arch, workload: Workload, store: str, kept: int, notes: 
 
 Order = Literal["one_gpu", "full_precision"]
 HEADROOM = 0.10  # the share of a GPU a plan leaves free: the estimates are not exact (memory.terms, Accuracy)
+OPTIMIZER_8BIT = "paged_adamw_8bit"  # heal.optimizer's low-memory choice (core.heal.config)
+# The settings sections a stage's memory depends on, which an adjustment may change.
+SECTIONS: dict[str, tuple[str, ...]] = {"profile": ("eval", "calibration"), "unhealed": ("eval",), "heal": ("heal",),
+                                        "healed": ("eval",)}
+Adjustments = dict[str, dict[str, Any]]  # section -> {setting: value}, e.g. {"eval": {"batch_size": 4}}
 
 
 @dataclass(frozen=True)
 class Choice:
-    """What one stage of one model runs on."""
+    """What one stage of one model runs on, and the settings changed so that it fits there."""
 
     model: str
     stage: str
     estimate: StageEstimate  # the option chosen, or the smallest one tried when none fits
     fits: bool
     fix: str = ""  # when nothing fits: what to change
+    adjusted: Adjustments = field(default_factory=dict)  # settings changed from the experiment's, by section
+    short_gib: float = 0.0  # when nothing fits: GiB the smallest option needs beyond what the GPU leaves usable
 
     @property
     def precision(self) -> str:
@@ -217,6 +224,15 @@ class Choice:
     @property
     def gpus(self) -> int:
         return self.estimate.gpus
+
+    def settings_text(self) -> str:
+        """The changed settings as an experiment file writes them (``heal: {batch_size: 2, grad_accum: 8}``)."""
+        return "; ".join(f"{section}: {{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in values.items()) + "}"
+                         for section, values in self.adjusted.items())
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True)
@@ -248,6 +264,49 @@ class ModelPlan:
         """GPUs a trial needs: the most any of its stages needs (one trial runs them all in one process)."""
         return max([c.gpus for c in self.choices if c.stage in TRIAL_STAGES] or [1])
 
+    @property
+    def adjustments(self) -> Adjustments:
+        """The settings this plan changed so that every stage fits, by section, only what changed: e.g. ``{"heal":
+        {"batch_size": 2, "grad_accum": 8, "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit"}, "eval":
+        {"batch_size": 4}, "calibration": {"batch_size": 4}}``; empty where the experiment's own settings fit.
+
+        A sweep applies them to the model's cells before it runs them: :func:`adjust_heal` to each heal point (the
+        ``batch_size`` there caps the micro-batch, and each point keeps its sequences per step through
+        ``grad_accum``), the ``eval`` and ``calibration`` values as they are (:func:`apply_adjustments` does both
+        to a :class:`Workload`). Micro-batches, checkpointing and evaluation or calibration batches change what a
+        run costs, not what it computes; ``batch_size`` and ``grad_accum`` still enter a cell's id, and the 8-bit
+        optimizer changes the updates (it names its cells: ``heal.optimizer``'s identity)."""
+        out: Adjustments = {}
+        for c in self.choices:
+            for section, values in c.adjusted.items():
+                mine = out.setdefault(section, {})
+                for k, v in values.items():
+                    mine[k] = min(mine[k], v) if k == "batch_size" and k in mine else v
+        return out
+
+
+def adjust_heal(heal: HealConfig, values: Mapping[str, Any]) -> HealConfig:
+    """``heal`` with a plan's heal adjustments: ``batch_size`` caps the micro-batch and ``grad_accum`` follows, so
+    the sequences per step stay the same (the paper's 16 x 1024 tokens); the other values are set as they are."""
+    out = replace(heal, **{k: v for k, v in values.items() if k not in ("batch_size", "grad_accum")})
+    if "batch_size" in values:
+        b = min(int(values["batch_size"]), heal.batch_size)
+        total = heal.sequences_per_step
+        if total % b:
+            raise UserError(f"a micro-batch of {b} does not divide the {total} sequences of a heal step",
+                            "use a micro-batch that divides heal.batch_size x heal.grad_accum")
+        out = replace(out, batch_size=b, grad_accum=total // b)
+    return out
+
+
+def apply_adjustments(workload: Workload, adjustments: Mapping[str, Mapping[str, Any]]) -> Workload:
+    """The workload with a plan's adjustments (:attr:`ModelPlan.adjustments`) applied."""
+    if not adjustments:
+        return workload
+    heal = tuple(adjust_heal(h, adjustments.get("heal", {})) for h in workload.heal)
+    return replace(workload, heal=heal, evaluation=replace(workload.evaluation, **adjustments.get("eval", {})),
+                   calibration=replace(workload.calibration, **adjustments.get("calibration", {})))
+
 
 def options(stage: str, workload: Workload, gpus_per_node: int, order: Order = "one_gpu") -> list[tuple[str, int]]:
     """(precision, GPUs) to try, in order. Heal keeps its own precision (``heal.quantize``)."""
@@ -260,6 +319,43 @@ def options(stage: str, workload: Workload, gpus_per_node: int, order: Order = "
     if order == "full_precision":
         return single[:1] + split + single[1:]
     return single + split
+
+
+def heal_candidates(workload: Workload) -> list[Adjustments]:
+    """The heal settings a plan tries when the experiment's do not fit, in order, each keeping the sequences per
+    step: smaller micro-batches with gradient accumulation (largest first); then gradient checkpointing (about a
+    third more compute), largest micro-batch first; then, with checkpointing, the 8-bit paged optimizer."""
+    totals = {h.sequences_per_step for h in workload.heal}
+    largest = max(h.batch_size for h in workload.heal)
+    sizes = [d for d in range(largest, 0, -1) if all(t % d == 0 for t in totals)]
+
+    def values(b: int, **extra: Any) -> Adjustments:
+        out: dict[str, Any] = {}
+        if b < largest:
+            out["batch_size"] = b
+            if len(totals) == 1:
+                out["grad_accum"] = next(iter(totals)) // b
+        return {"heal": {**out, **extra}}
+
+    out = [values(b) for b in sizes if b < largest]
+    if not all(h.gradient_checkpointing for h in workload.heal):
+        out += [values(b, gradient_checkpointing=True) for b in sizes]
+    if not all(h.optimizer == OPTIMIZER_8BIT for h in workload.heal):
+        out += [values(b, gradient_checkpointing=True, optimizer=OPTIMIZER_8BIT) for b in sizes]
+    return out
+
+
+def batch_candidates(workload: Workload, stage: str) -> list[Adjustments]:
+    """Smaller evaluation batches (and, for ``profile``, calibration batches), largest first: they change memory and
+    speed, not the result."""
+    ev, cal = workload.evaluation.batch_size, workload.calibration.batch_size
+    out = []
+    for be in range(ev, 0, -1):
+        for bc in (range(cal, 0, -1) if stage == "profile" else [cal]):
+            if (be, bc) != (ev, cal):
+                out.append({k: v for k, v in (("eval", {"batch_size": be}), ("calibration", {"batch_size": bc}))
+                            if v["batch_size"] != (ev if k == "eval" else cal)})
+    return out
 
 
 def _heal_fix(arch: Arch, workload: Workload, gpu_gib: float, headroom: float, n_removed: int) -> str:
@@ -309,52 +405,115 @@ def _batch_fix(arch: Arch, workload: Workload, stage: str, gpu_gib: float, gpus_
     return "the weights do not fit: use GPUs with more memory, or more of them per node"
 
 
+def _place(arch: Arch, workload: Workload, stage: str, placements: Sequence[tuple[str, int]],
+           settings: Sequence[Adjustments], gpu_gib: float, headroom: float,
+           n_removed: int) -> tuple[StageEstimate | None, Adjustments, tuple[str, int], list[StageEstimate]]:
+    """For each placement in order, each setting in order: the first estimate that fits, its adjustments, its
+    placement, and everything tried."""
+    tried = []
+    for p, g in placements:
+        for adj in settings:
+            est = estimate(arch, apply_adjustments(workload, adj), stage, p, g, n_removed)  # type: ignore[arg-type]
+            tried.append(est)
+            if est.fits(gpu_gib, headroom):
+                return est, adj, (p, g), tried
+    return None, {}, ("auto", 1), tried
+
+
 def choose(config: Any, workload: Workload, gpu_gib: float, gpus_per_node: int = 8, model: str = "",
            n_removed: int = 0, stages: Sequence[str] = STAGES, order: Order = "one_gpu",
-           headroom: float = HEADROOM, config_source: str = "") -> ModelPlan:
+           headroom: float = HEADROOM, config_source: str = "", adjust: bool = False) -> ModelPlan:
     """Per stage, the first option whose estimate leaves ``headroom`` of the GPU free.
 
     Options, in ``order="one_gpu"``: full precision on 1 GPU, NF4 on 1 GPU, full precision on 2, 4, 8 GPUs
     (up to ``gpus_per_node``); ``order="full_precision"`` tries the splits before NF4, because NF4 changes the
-    scores. Heal keeps the experiment's precision (``heal.quantize``; ``none`` may also be split). A stage
-    that fits nowhere gets ``fits=False``, its smallest estimate, and a ``fix``.
+    scores. Heal keeps the experiment's precision (``heal.quantize``; ``none`` may also be split).
+
+    ``adjust``: on each option, before the next one, also try the settings that change memory but not the
+    method (:func:`heal_candidates`: micro-batches at the same sequences per step, gradient checkpointing, the
+    8-bit paged optimizer; :func:`batch_candidates`: smaller evaluation and calibration batches), in that order,
+    and take the first that fits: a smaller batch on one GPU before a split across two, which a trial would hold
+    for all its stages. The model's stages share one evaluation batch, the smallest any of them needs. What was
+    changed is each choice's ``adjusted`` and the plan's :attr:`ModelPlan.adjustments`. A stage that fits nowhere
+    gets ``fits=False``, its smallest estimate, ``short_gib`` (how much more it needs than the GPU leaves usable) and
+    a ``fix``.
     """
     arch = config if isinstance(config, Arch) else Arch.from_config(config)
-    choices = []
+    choices, placed = [], {}
+    usable = (1 - headroom) * gpu_gib
     for stage in stages:
         if (stage in ("heal", "healed") and not workload.heals) or (stage == "unhealed" and not workload.unhealed):
             continue
-        tried = [estimate(arch, workload, stage, p, g, n_removed)  # type: ignore[arg-type]
-                 for p, g in options(stage, workload, gpus_per_node, order)]
-        fit = next((e for e in tried if e.fits(gpu_gib, headroom)), None)
+        settings: list[Adjustments] = [{}]
+        if adjust:
+            settings += heal_candidates(workload) if stage == "heal" else batch_candidates(workload, stage)
+        placements = options(stage, workload, gpus_per_node, order)
+        fit, adj, placed[stage], tried = _place(arch, workload, stage, placements, settings, gpu_gib, headroom,
+                                                n_removed)
+        name = model or arch.model_type
         if fit is not None:
-            choices.append(Choice(model or arch.model_type, stage, fit, True))
+            choices.append(Choice(name, stage, fit, True, adjusted=adj))
             continue
+        smallest = min(tried, key=lambda e: e.peak_bytes)
+        short = smallest.peak_gib - usable
         fix = (_heal_fix(arch, workload, gpu_gib, headroom, n_removed) if stage == "heal" else
                _batch_fix(arch, workload, stage, gpu_gib, gpus_per_node, headroom, n_removed, order))
-        choices.append(Choice(model or arch.model_type, stage, min(tried, key=lambda e: e.peak_bytes), False, fix))
+        tried_what = "with every setting the plan may change, " if adjust else ""
+        fix = (f"{tried_what}the smallest option ({smallest.precision} on {smallest.gpus} GPU"
+               f"{'s' if smallest.gpus > 1 else ''}) needs {smallest.peak_gib:.1f} GiB per GPU, {short:.1f} GiB more "
+               f"than the {usable:.1f} GiB usable ({headroom:.0%} of {gpu_gib:g} left free); {fix}")
+        choices.append(Choice(name, stage, smallest, False, fix, short_gib=short))
     return ModelPlan(model or arch.model_type, gpu_gib, gpus_per_node, headroom, n_removed, config_source,
-                     tuple(choices))
+                     tuple(_one_eval_batch(arch, workload, choices, placed, n_removed)))
+
+
+def _one_eval_batch(arch: Arch, workload: Workload, choices: list[Choice], placed: dict[str, tuple[str, int]],
+                    n_removed: int) -> list[Choice]:
+    """The model's stages share one evaluation batch: the smallest any stage's choice needs; the others are estimated
+    again at it, on the option they chose (a smaller batch never needs more memory)."""
+    batches = [c.adjusted["eval"]["batch_size"] for c in choices if "eval" in c.adjusted]
+    if not batches:
+        return choices
+    batch = min(batches)
+    out = []
+    for c in choices:
+        if not c.fits or "eval" not in SECTIONS[c.stage] or c.adjusted.get("eval", {}).get("batch_size") == batch:
+            out.append(c)
+            continue
+        adj = {**c.adjusted, "eval": {"batch_size": batch}}
+        p, g = placed[c.stage]
+        est = estimate(arch, apply_adjustments(workload, adj), c.stage, p, g, n_removed)  # type: ignore[arg-type]
+        out.append(replace(c, estimate=est, adjusted=adj))
+    return out
 
 
 def format_plan_table(plans: Sequence[ModelPlan]) -> str:
-    """One row per model and stage: model, stage, precision, GPUs per trial, estimated peak GiB per GPU, fits;
-    then the fix of every stage that does not fit."""
-    rows = [("model", "stage", "precision", "GPUs", "est. peak GiB", "fits")]
+    """One row per model and stage: model, stage, precision, GPUs per trial, the settings the plan changed (a column
+    only when some plan changed one), estimated peak GiB per GPU, fits; then the fix of every stage that does not
+    fit, with how much more memory it needs."""
+    adjusted = any(c.adjusted for plan in plans for c in plan.choices)
+    rows = [("model", "stage", "precision", "GPUs") + (("settings changed",) if adjusted else ()) +
+            ("est. peak GiB", "fits")]
     fixes = []
     for plan in plans:
         for c in plan.choices:
-            rows.append((plan.model, c.stage, c.precision, str(c.gpus), f"{c.estimate.peak_gib:.1f}",
-                         "yes" if c.fits else "no"))
+            rows.append((plan.model, c.stage, c.precision, str(c.gpus)) + ((c.settings_text() or "-",) if adjusted
+                                                                           else ()) +
+                        (f"{c.estimate.peak_gib:.1f}", "yes" if c.fits else f"no (+{c.short_gib:.1f})"))
             if not c.fits:
                 fixes.append(f"  {plan.model} {c.stage}: {c.fix}")
+    left = 5 if adjusted else 3  # left-aligned text columns
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(widths[i]) if i < 3 else v.rjust(widths[i]) for i, v in enumerate(r)) for r in rows]
+    lines = ["  ".join(v.ljust(widths[i]) if i < left and i != 3 else v.rjust(widths[i]) for i, v in enumerate(r))
+             for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if plans:
         p = plans[0]
         lines.append(f"GPUs of {p.gpu_gib:g} GiB, {p.gpus_per_node} per node, {p.headroom:.0%} left free; trial "
                      "stages sized for the smallest n of each model's grid; GPUs = per profile actor or trial")
+    if adjusted:
+        lines.append("settings changed: what the plan changed so that the stage fits (ModelPlan.adjustments; the "
+                     "sweep must run the model's cells with them); 'no (+X)': X GiB more than the GPU leaves usable")
     if fixes:
         lines += ["fixes:"] + fixes
     return "\n".join(lines)

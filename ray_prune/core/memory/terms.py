@@ -25,6 +25,10 @@ Sources of each term
   ``cross_entropy`` saves its fp32 log-softmax; the backward peak holds that, the
   incoming gradient and the result: 12 bytes per logit (+ ``c`` for Gemma-2's saved
   tanh softcap). Not a saved tensor, so *derived*, not measured.
+* LoRA state (:func:`optimizer_state_bytes`): fp32 weights and grads, and the moments of
+  ``heal.optimizer``: AdamW's two fp32 moments, or bitsandbytes' 8-bit ones (uint8 with an
+  fp32 absmax per 256, tensors under 4096 elements kept in fp32), as bitsandbytes 0.50
+  allocates them (``tests/core/heal/test_optimizer.py`` checks the 8-bit state's dtype).
 * Inference transients (profile, evaluation): the live tensors of one block at its
   widest point (the MLP: 3 intermediates; or attention), derived from the modeling
   code. The C4 loss and the profile pass ``use_cache=False``.
@@ -303,6 +307,26 @@ def lora_params(arch: Arch, layers: int, rank: int, targets: Sequence[Linear]) -
     return layers * sum(rank * (t.fan_in + t.fan_out) for t in targets)
 
 
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' optimizers keep a tensor's moments in fp32 below this many elements
+BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizer state is blockwise: one fp32 absmax per 256 moments
+
+
+def optimizer_state_bytes(arch: Arch, layers: int, rank: int, targets: Sequence[Linear], optimizer: str) -> int:
+    """LoRA weights and grads (fp32) and the optimizer's moments: ``adamw``'s two fp32 moments (16 bytes a
+    parameter in all); ``paged_adamw_8bit``'s two uint8 moments with an fp32 absmax per block of 256 (about 10 bytes
+    a parameter; tensors under 4096 elements keep fp32 moments), as bitsandbytes 0.50 allocates them. Paged moments
+    can be evicted to CPU memory under pressure; the plan still counts them on the GPU (the peak they may hold)."""
+    total = 0
+    for t in targets:
+        for elements in (rank * t.fan_in, t.fan_out * rank):  # lora_A, lora_B
+            if optimizer == "paged_adamw_8bit" and elements >= BNB_MIN_8BIT_SIZE:
+                moments = 2 * (elements + 4 * math.ceil(elements / BNB_BLOCK))
+            else:
+                moments = 8 * elements
+            total += 8 * elements + moments
+    return layers * total
+
+
 def _loss_batch(batch: int, seq_len: int, vocab: int) -> int:
     """Blocks per forward of ``core.loss.next_token_loss``."""
     return max(1, min(batch, LOGITS_BUDGET // (seq_len * vocab)))
@@ -414,8 +438,9 @@ def heal_terms(arch: Arch, config: HealConfig, layers: int, c: int) -> list[Term
     P = lora_params(arch, layers, config.rank, targets)
     per_layer = train_layer_bytes(arch, c, config.rank, config.dropout, targets, T)
     block = int(per_layer * tokens)
-    out = [Term("LoRA weights, grads, AdamW moments (fp32)", 16 * P, True, f"{P:,} LoRA parameters, rank "
-                f"{config.rank} on {', '.join(t.name for t in targets)}")]
+    out = [Term(f"LoRA weights, grads, {config.optimizer} moments", optimizer_state_bytes(arch, layers, config.rank,
+                targets, config.optimizer), True, f"{P:,} LoRA parameters, rank {config.rank} on "
+                f"{', '.join(t.name for t in targets)}")]
     norm_saved = (4 * arch.hidden + 4) if arch.norm == "rms" else (c * arch.hidden + 8)
     rest = tokens * (norm_saved + 8)  # final norm, labels
     logits = tokens * arch.vocab * (12 + (c if arch.final_softcap else 0))

@@ -6,13 +6,17 @@ distinct context + continuation[:-1], the LM head on scored positions only),
 run on the same model and the same requests. The requests are lm-eval's own,
 built and tokenized by lm-eval from the local data mirror.
 
-Tolerance against ``_score_full_rows``: ``TOLERANCE`` absolute on a request's
-summed log-probability. The two paths add the same terms in differently shaped
-matmuls (attention over a cached past, other batch compositions), so each
-log-probability differs by fp32 rounding, a few ulps of the logits; a request
-sums up to ~40 of them. Measured: at most 8e-6 on the tiny models, ... on the
-bundled ones. A scorer that lets one token see a wrong one (a pad slot
-unmasked, a shifted position) is off by 1e-2 and more on these same models.
+Tolerance against ``_score_full_rows``: ``TOLERANCE`` = 1e-4 absolute on a
+request's summed log-probability, greedy flags identical. The two paths add the
+same terms in differently shaped matmuls (attention over a cached past, other
+batch compositions), so each log-probability differs by fp32 rounding; a
+request's score sums one per continuation token (up to ~40 here) and reaches -390 on the random tiny
+models (ln 49152 = 10.8 nats a token), where one fp32 ulp is 3.1e-5. Measured:
+at most 3.1e-5 on the tiny models (one ulp of their largest scores), 1.5e-5 on
+SmolLM2-135M and 1.1e-5 on Gemma-3-270M (scores down to -111), so 1e-4 is about
+three ulps of the largest score. A scorer that lets a token see a wrong one (a
+pad slot unmasked, a position shifted) is off by 1e-2 and more on these same
+models.
 """
 
 from __future__ import annotations

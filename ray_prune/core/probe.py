@@ -1,0 +1,217 @@
+"""Measured rates for the cost plan: a few heal steps and evaluation batches of a model on the device that runs it.
+
+:func:`probe` loads the model as a sweep trial loads it (the scoring precision, ``core.memory.Workload.
+scored_precision``), times the load, a forward over packed blocks at the evaluation's shape (``forward``: the C4
+and heal losses, the distance table), the continuation scorer on questions shaped like the experiment's
+(``score``: random contexts of the tasks' mean length, four one-token answers, ``core.evaluation.loglikelihood``),
+and heal steps at the heal micro-batch through ``core.heal.loop.heal`` itself (``train``), and turns each into the
+rate ``core.cost`` prices with: FLOPs (counted by ``core.cost``) over seconds, parameters over seconds for the load.
+Token ids are random, so it needs no data, only the weights.
+
+Each measurement is sized to the device: a first small pass estimates the speed, then as many rows as fit a few
+seconds, up to the experiment's batch (a GPU runs the whole batch; a CPU a row or two), and a first step or batch
+is never timed (allocations, kernel selection). The result is cached as JSON under the ray-prune cache
+(``$RAY_PRUNE_CACHE/probes``), per (model, device name, precision), so it is paid once; ``force`` measures again.
+It imports no Ray: on a cluster the sweep calls it inside a task on a trial's node, the one place whose speed
+matters; ``ray-prune sweep --check --probe`` calls it here.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ray_prune.core.memory.terms import Workload
+
+PROBE_DIR = "probes"  # under core.bundled.cache_dir()
+SLICE_S = 3.0  # seconds each timed measurement aims for, after its untimed first pass
+HEAL_STEPS = 3  # the first is not timed
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Measured rates of one model on one device, in one precision: FLOP/s per kind, parameters/s for ``load``."""
+
+    model: str
+    device: str
+    precision: str
+    rates: dict[str, float]
+    how: dict[str, str]  # kind -> what was measured (shape, seconds)
+    measured_at: str
+    cached: bool = False
+    path: str = ""
+
+
+def device_name(device: Any) -> str:
+    """A device as a cache key: the GPU's name, or the CPU's with the threads torch uses."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine() or "cpu"
+    return f"cpu {cpu} x{torch.get_num_threads()} threads"
+
+
+def precision_of(workload: Workload, device: Any) -> tuple[str, str, str]:
+    """(scoring quantization, heal quantization, compute dtype) as the trial runs them on ``device``."""
+    import torch
+
+    from ray_prune.core import dtypes
+
+    scored = "nf4" if workload.scored_precision() == "nf4" else "none"
+    heal = workload.heal[0].quantize if workload.heals else scored
+    # sweep.scoring: rows scored as trained compute in the training dtype, else in the inference one
+    purpose = "training" if workload.eval_precision == "trained" and workload.heals else "inference"
+    dtype = dtypes.short_name(dtypes.to_torch(workload.dtype, torch.device(device), purpose))
+    return scored, heal, dtype
+
+
+def cache_path(model: str, device: str, precision: str) -> Path:
+    from ray_prune.core.bundled import cache_dir
+
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{model}--{device}--{precision}").strip("_")
+    return cache_dir() / PROBE_DIR / f"{slug}.json"
+
+
+def cached(model: str, workload: Workload, device: Any = None) -> Probe | None:
+    """The cached probe of ``model`` on ``device`` in the workload's precision, if there is one."""
+    from ray_prune.core.models import default_device
+
+    dev = device if device is not None else default_device()
+    scored, heal, dtype = precision_of(workload, dev)
+    path = cache_path(model, device_name(dev), _precision_key(scored, heal, dtype))
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return Probe(**{**data, "cached": True, "path": str(path)})
+
+
+def _precision_key(scored: str, heal: str, dtype: str) -> str:
+    return f"{scored}+{dtype}" + ("" if heal == scored else f", heal {heal}")
+
+
+def _timed(run, flops_per_row: float, rows_wanted: int) -> tuple[float, int, float]:
+    """(FLOP/s, rows, seconds): ``run(rows)`` once with one row, untimed, then timed at as many rows (up to
+    ``rows_wanted``, a few batches: a GPU's timing is then more than one kernel launch) as fit about
+    :data:`SLICE_S` seconds by the first pass's speed."""
+    t = time.perf_counter()
+    run(1)
+    first = max(time.perf_counter() - t, 1e-6)
+    rows = max(1, min(rows_wanted, int(SLICE_S / first)))
+    t = time.perf_counter()
+    run(rows)
+    seconds = max(time.perf_counter() - t, 1e-9)
+    return rows * flops_per_row / seconds, rows, seconds
+
+
+def probe(model: str, workload: Workload, device: Any = None, trust_remote_code: bool = False,
+          force: bool = False, use_cache: bool = True) -> Probe:
+    """Measure (or read from the cache) the rates of ``model`` on ``device`` (None: the default device) for the
+    kinds of work ``workload`` asks for, as a sweep trial runs them (module docstring)."""
+    import torch
+
+    from ray_prune.core import cost
+    from ray_prune.core.loss import next_token_loss
+    from ray_prune.core.memory.arch import Arch, param_count
+    from ray_prune.core.models import default_device, load_model
+
+    dev = torch.device(device) if device is not None else default_device()
+    if use_cache and not force:
+        hit = cached(model, workload, dev)
+        if hit is not None:
+            return hit
+    scored, heal_quantize, dtype = precision_of(workload, dev)
+    name, precision = device_name(dev), _precision_key(scored, heal_quantize, dtype)
+    rates: dict[str, float] = {}
+    how: dict[str, str] = {}
+    gen = torch.Generator().manual_seed(0)
+
+    t = time.perf_counter()
+    net, tok = load_model(model, dtype=dtype, device=dev, quantize=scored, trust_remote_code=trust_remote_code)
+    load_s = time.perf_counter() - t
+    arch = Arch.from_config(net.config)
+    params = param_count(arch).total()
+    rates["load"] = params / load_s
+    how["load"] = f"{params / 1e6:.0f}M parameters in {load_s:.1f} s"
+    vocab = int(net.config.vocab_size)
+
+    ev = workload.evaluation
+    T = ev.seq_len
+
+    def blocks(rows: int, length: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (rows, length), generator=gen)
+
+    rates["forward"], rows, s = _timed(lambda r: next_token_loss(net, blocks(r, T), batch_size=ev.batch_size),
+                                       T * cost.forward_flops(arch, arch.layers, T), 4 * ev.batch_size)
+    how["forward"] = f"next_token_loss, {rows} x {T} tokens in {s:.2f} s"
+
+    if ev.tasks:
+        from ray_prune.core.evaluation.loglikelihood import score_continuations
+
+        lengths = [(cost.task_tokens(n, k)[0].length, cost.task_tokens(n, k)[0].questions)
+                   for n, k in ev.shots().items()]
+        L = max(2, round(sum(length * q for length, q in lengths) / sum(q for _, q in lengths)))
+        answers = [[int(i)] for i in torch.randint(0, vocab, (4,), generator=gen)]
+
+        def score(rows: int) -> None:
+            requests = [(("", ""), ctx, a) for ctx in blocks(rows, L).tolist() for a in answers]
+            score_continuations(net, requests, max(L + 2, arch.max_length), ev.batch_size, dev)
+
+        per_question = L * cost.forward_flops(arch, arch.layers, L, head=False) + cost.head_flops(arch)
+        rates["score"], rows, s = _timed(score, per_question, 4 * ev.batch_size)
+        how["score"] = f"{rows} questions of {L} tokens, 4 one-token answers, in {s:.2f} s"
+
+    if workload.heals:
+        rates["train"], how["train"] = _train_rate(net, tok, model, workload, dev, dtype, scored, rates["forward"],
+                                                   trust_remote_code)
+    result = Probe(model, name, precision, rates, how, time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if use_cache:
+        path = cache_path(model, name, precision)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from ray_prune.core.atomic import write_text
+
+        data = {k: v for k, v in asdict(result).items() if k not in ("cached", "path")}
+        write_text(path, json.dumps(data, indent=1))
+        result = replace(result, path=str(path))
+    return result
+
+
+def _train_rate(net, tok, model: str, workload: Workload, dev, dtype: str, scored: str, forward_rate: float,
+                trust_remote_code: bool) -> tuple[float, str]:
+    """Heal steps through ``heal.loop.heal`` at the heal micro-batch (fewer rows where a step would take more than a
+    few seconds): the seconds between the first step's report and the last's, less their validation losses (one
+    block each, priced at the measured forward rate)."""
+    import torch
+
+    from ray_prune.core import cost
+    from ray_prune.core.heal.lora import prepare_for_healing
+    from ray_prune.core.heal.loop import heal
+    from ray_prune.core.memory.arch import Arch
+    from ray_prune.core.models import load_model
+
+    point = max(workload.heal, key=lambda h: h.batch_size * h.seq_len)
+    if point.quantize != scored:  # the trial loads the model again in the heal precision
+        net, tok = load_model(model, dtype=dtype, device=dev, quantize=point.quantize, purpose="training",
+                              trust_remote_code=trust_remote_code)
+    arch = Arch.from_config(net.config)
+    T = point.seq_len
+    per_row = T * cost.train_flops(arch, arch.layers, point)
+    rows = max(1, min(point.batch_size, int(SLICE_S * forward_rate / per_row)))  # a step of a few seconds at most
+    config = replace(point, steps=HEAL_STEPS, batch_size=rows, grad_accum=1, eval_every=1, val_sequences=1,
+                     warmup_steps=1)
+    gen = torch.Generator().manual_seed(1)
+    vocab = int(net.config.vocab_size)
+    train = torch.randint(0, vocab, (HEAL_STEPS * rows, T), generator=gen)
+    val = torch.randint(0, vocab, (1, T), generator=gen)
+    _, reports = heal(prepare_for_healing(net, config, device=dev), tok, config, train_blocks=train, val_blocks=val,
+                      progress=False)
+    steps = len(reports) - 1
+    val_s = T * cost.forward_flops(arch, arch.layers, T) / forward_rate
+    seconds = max(reports[-1].elapsed_s - reports[0].elapsed_s - steps * val_s, 1e-9)
+    return steps * rows * per_row / seconds, f"{steps} heal steps of {rows} x {T} tokens in {seconds:.2f} s"
