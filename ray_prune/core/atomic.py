@@ -27,6 +27,29 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(folder: Path) -> None:
+    """What a library wrote into a folder with ``mkstemp`` (0600) gets the user's usual permissions: a colleague
+    on a shared machine can read a model this user saved."""
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync(path: Path) -> None:
     if path.is_file():
         with open(path, "rb+") as f:
@@ -59,6 +82,7 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, replace: 
         if not replace and target.exists():
             raise FileExistsError(f"{target} exists")
         if directory:
+            _usual_modes(tmp)
             for child in tmp.rglob("*"):
                 _fsync(child)
             if target.exists():

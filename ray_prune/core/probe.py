@@ -29,8 +29,9 @@ from typing import Any
 from ray_prune.core.memory.terms import Workload
 
 PROBE_DIR = "probes"  # under core.bundled.cache_dir()
-SLICE_S = 3.0  # seconds each timed measurement aims for, after its untimed first pass
-HEAL_STEPS = 3  # the first is not timed
+SLICE_S = 3.0  # seconds each measurement aims for, after its short untimed and estimating passes
+MIN_TOKENS = 64  # the shortest row a measurement shortens a sequence to on a slow device
+HEAL_STEPS = 2  # the first is not timed
 
 
 @dataclass(frozen=True)
@@ -96,18 +97,24 @@ def _precision_key(scored: str, heal: str, dtype: str) -> str:
     return f"{scored}+{dtype}" + ("" if heal == scored else f", heal {heal}")
 
 
-def _timed(run, flops_per_row: float, rows_wanted: int) -> tuple[float, int, float]:
-    """(FLOP/s, rows, seconds): ``run(rows)`` once with one row, untimed, then timed at as many rows (up to
-    ``rows_wanted``, a few batches: a GPU's timing is then more than one kernel launch) as fit about
-    :data:`SLICE_S` seconds by the first pass's speed."""
+def _timed(run, flops, rows_wanted: int, length: int) -> tuple[float, int, int, float]:
+    """(FLOP/s, rows, tokens per row, seconds) of ``run(rows, length)``: a short untimed pass (allocations, kernel
+    choice), a short timed one that estimates the speed, then the measurement, as many rows (up to
+    ``rows_wanted``: a few batches, so that a GPU's timing is more than a kernel launch) as fit about
+    :data:`SLICE_S` seconds, each row shortened (not below :data:`MIN_TOKENS`) where one full row would not fit.
+    ``flops(rows, length)`` counts the work of a call."""
+    short = min(length, MIN_TOKENS)
+    run(1, min(short, 16))
     t = time.perf_counter()
-    run(1)
-    first = max(time.perf_counter() - t, 1e-6)
-    rows = max(1, min(rows_wanted, int(SLICE_S / first)))
+    run(1, short)
+    per_token = max(time.perf_counter() - t, 1e-6) / short  # fixed costs included: an over-estimate
+    budget = int(SLICE_S / per_token)
+    rows = max(1, min(rows_wanted, budget // length))
+    length = min(length, max(short, budget))
     t = time.perf_counter()
-    run(rows)
+    run(rows, length)
     seconds = max(time.perf_counter() - t, 1e-9)
-    return rows * flops_per_row / seconds, rows, seconds
+    return flops(rows, length) / seconds, rows, length, seconds
 
 
 def probe(model: str, workload: Workload, device: Any = None, trust_remote_code: bool = False,
@@ -132,6 +139,7 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
     how: dict[str, str] = {}
     gen = torch.Generator().manual_seed(0)
 
+    _imports(scored)
     t = time.perf_counter()
     net, tok = load_model(model, dtype=dtype, device=dev, quantize=scored, trust_remote_code=trust_remote_code)
     load_s = time.perf_counter() - t
@@ -142,14 +150,14 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
     vocab = int(net.config.vocab_size)
 
     ev = workload.evaluation
-    T = ev.seq_len
 
     def blocks(rows: int, length: int) -> torch.Tensor:
         return torch.randint(0, vocab, (rows, length), generator=gen)
 
-    rates["forward"], rows, s = _timed(lambda r: next_token_loss(net, blocks(r, T), batch_size=ev.batch_size),
-                                       T * cost.forward_flops(arch, arch.layers, T), 4 * ev.batch_size)
-    how["forward"] = f"next_token_loss, {rows} x {T} tokens in {s:.2f} s"
+    rates["forward"], rows, n, s = _timed(
+        lambda r, n: next_token_loss(net, blocks(r, n), batch_size=ev.batch_size),
+        lambda r, n: r * n * cost.forward_flops(arch, arch.layers, n), 4 * ev.batch_size, ev.seq_len)
+    how["forward"] = f"next_token_loss, {rows} x {n} tokens in {s:.2f} s"
 
     if ev.tasks:
         from ray_prune.core.evaluation.loglikelihood import score_continuations
@@ -159,13 +167,14 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
         L = max(2, round(sum(length * q for length, q in lengths) / sum(q for _, q in lengths)))
         answers = [[int(i)] for i in torch.randint(0, vocab, (4,), generator=gen)]
 
-        def score(rows: int) -> None:
-            requests = [(("", ""), ctx, a) for ctx in blocks(rows, L).tolist() for a in answers]
-            score_continuations(net, requests, max(L + 2, arch.max_length), ev.batch_size, dev)
+        def score(rows: int, n: int) -> None:
+            requests = [(("", ""), ctx, a) for ctx in blocks(rows, n).tolist() for a in answers]
+            score_continuations(net, requests, max(n + 2, arch.max_length), ev.batch_size, dev)
 
-        per_question = L * cost.forward_flops(arch, arch.layers, L, head=False) + cost.head_flops(arch)
-        rates["score"], rows, s = _timed(score, per_question, 4 * ev.batch_size)
-        how["score"] = f"{rows} questions of {L} tokens, 4 one-token answers, in {s:.2f} s"
+        rates["score"], rows, n, s = _timed(
+            score, lambda r, n: r * (n * cost.forward_flops(arch, arch.layers, n, head=False) + cost.head_flops(arch)),
+            4 * ev.batch_size, L)
+        how["score"] = f"{rows} questions of {n} tokens, 4 one-token answers, in {s:.2f} s"
 
     if workload.heals:
         rates["train"], how["train"] = _train_rate(net, tok, model, workload, dev, dtype, scored, rates["forward"],
@@ -180,6 +189,15 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
         write_text(path, json.dumps(data, indent=1))
         result = replace(result, path=str(path))
     return result
+
+
+def _imports(quantize: str) -> None:
+    """What a first load imports, imported before the load is timed: a sweep's worker pays it once, not per trial."""
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    if quantize == "nf4":
+        import bitsandbytes  # noqa: F401
 
 
 def _train_rate(net, tok, model: str, workload: Workload, dev, dtype: str, scored: str, forward_rate: float,
@@ -200,11 +218,13 @@ def _train_rate(net, tok, model: str, workload: Workload, dev, dtype: str, score
         net, tok = load_model(model, dtype=dtype, device=dev, quantize=point.quantize, purpose="training",
                               trust_remote_code=trust_remote_code)
     arch = Arch.from_config(net.config)
-    T = point.seq_len
-    per_row = T * cost.train_flops(arch, arch.layers, point)
-    rows = max(1, min(point.batch_size, int(SLICE_S * forward_rate / per_row)))  # a step of a few seconds at most
-    config = replace(point, steps=HEAL_STEPS, batch_size=rows, grad_accum=1, eval_every=1, val_sequences=1,
-                     warmup_steps=1)
+    # a step of a few seconds at most, by the forward rate: fewer rows than the micro-batch, then shorter ones
+    per_token = cost.train_flops(arch, arch.layers, point) / forward_rate
+    T = min(point.seq_len, max(MIN_TOKENS, int(SLICE_S / 2 / per_token)))
+    rows = max(1, min(point.batch_size, int(SLICE_S / 2 / (per_token * T))))
+    config = replace(point, steps=HEAL_STEPS, batch_size=rows, grad_accum=1, seq_len=T, eval_every=1,
+                     val_sequences=1, warmup_steps=1)
+    per_row = T * cost.train_flops(arch, arch.layers, config)
     gen = torch.Generator().manual_seed(1)
     vocab = int(net.config.vocab_size)
     train = torch.randint(0, vocab, (HEAL_STEPS * rows, T), generator=gen)

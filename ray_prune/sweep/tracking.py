@@ -183,6 +183,15 @@ def cell_params(cell: Cell) -> dict[str, Any]:
     return params
 
 
+def trial_params(spec: TrialSpec) -> dict[str, Any]:
+    """A run's parameters: its cell's settings, and the cells that share its trial (identical computations,
+    ``trial.fold_identical``), which get the same rows and no run of their own."""
+    params = cell_params(spec.cell)
+    if spec.twins:
+        params["twins"] = [c.cell_id for c in spec.twins]
+    return params
+
+
 def cell_result(spec: TrialSpec) -> dict[str, Any] | None:
     """The row that holds a cell's result (healed, or unhealed for a cell that does not heal), read from storage;
     None if the trial wrote none (ASHA stopped it: the driver writes that row after Tune), or if it cannot be read
@@ -261,11 +270,11 @@ def mlflow_callback_class() -> type:
         def log_trial_start(self, trial) -> None:
             if trial in self._trial_runs:  # a retry: the same run goes on
                 return
-            cell = trial.config["run"].cell
-            run = self.mlflow_util.start_run(run_name=cell_name(cell), tags={
-                **self.tags, "trial_name": str(trial), "cell_id": cell.cell_id})
+            spec = trial.config["run"]
+            run = self.mlflow_util.start_run(run_name=cell_name(spec.cell), tags={
+                **self.tags, "trial_name": str(trial), "cell_id": spec.cell.cell_id})
             self._trial_runs[trial] = run.info.run_id
-            self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=cell_params(cell))
+            self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=trial_params(spec))
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
             if trial not in self._trial_runs:
@@ -317,13 +326,13 @@ def wandb_callback_class() -> type:
                                                    max_task_retries=-1)(self._logger_actor_cls)
 
         def log_trial_start(self, trial) -> None:
-            cell = trial.config["run"].cell
+            spec = trial.config["run"]
             exclude = [*self._exclude_results, *self.excludes, "config"]
             # git off: a remote's URL may carry a token, and the row's code version is the provenance; console
             # off: the logging actor prints nothing of the trial's
             settings = {"disable_git": True, "console": "off"}
-            self._start_logging_actor(trial, exclude, id=trial.trial_id, name=cell_name(cell), group=self.group,
-                                      project=self.project, config=cell_params(cell), resume=False,
+            self._start_logging_actor(trial, exclude, id=trial.trial_id, name=cell_name(spec.cell), group=self.group,
+                                      project=self.project, config=trial_params(spec), resume=False,
                                       allow_val_change=True, settings=settings, **self.kwargs)
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:

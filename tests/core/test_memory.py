@@ -410,6 +410,84 @@ def test_eval_batch_fix_is_the_largest_batch_that_fits():
     assert 1 < b < 32 and fits_somehow(b) and not fits_somehow(b + 1)
 
 
+def _first_fitting_candidate(config, w, gb):
+    """The first of heal_candidates (in the plan's order) that fits one GPU of ``gb``: what choose must pick."""
+    for adj in M.heal_candidates(w):
+        if M.estimate(config, M.apply_adjustments(w, adj), "heal").fits(gb, M.HEADROOM):
+            return adj
+    return None
+
+
+@pytest.mark.parametrize("model,gb,expect", [
+    ("meta-llama/Llama-2-13b-hf", 40, {"batch_size": 2, "grad_accum": 8}),  # a micro-batch is enough
+    ("meta-llama/Llama-2-13b-hf", 16, {"gradient_checkpointing": True}),  # no micro-batch fits: checkpointing
+    (LLAMA_70B, 46, {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True}),
+    (LLAMA_70B, 44.7, {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True,
+                       "optimizer": "paged_adamw_8bit"}),  # only the 8-bit optimizer's 0.4 GiB more makes it fit
+])
+def test_a_heal_that_does_not_fit_gets_the_first_setting_that_does(model, gb, expect):
+    config = load_config(model).config
+    w = M.Workload(heal=(HealConfig(batch_size=4, grad_accum=4),))  # the paper's 16 x 1024 as experiments/ write it
+    assert not M.estimate(config, w, "heal").fits(gb, M.HEADROOM)
+    plan = M.choose(config, w, gb, 1, model, adjust=True)
+    heal = plan.choice("heal")
+    assert heal.fits and heal.adjusted == {"heal": expect} == {"heal": _first_fitting_candidate(config, w, gb)["heal"]}
+    assert plan.adjustments["heal"] == expect
+    healed = M.apply_adjustments(w, plan.adjustments).heal[0]
+    assert healed.sequences_per_step == 16 and healed.seq_len == 1024  # the paper's effective batch kept
+    assert M.estimate(config, M.apply_adjustments(w, plan.adjustments), "heal").peak_bytes == heal.estimate.peak_bytes
+    assert not M.choose(config, w, gb, 1, model).choice("heal").fits  # without adjust: the old refusal and fix
+
+
+def test_the_heal_candidates_keep_each_points_step_and_only_lower_micro_batches():
+    w = M.Workload(heal=(HealConfig(batch_size=8, grad_accum=2), HealConfig(batch_size=4, grad_accum=4)))
+    order = [c["heal"] for c in M.heal_candidates(w)]
+    assert order[:3] == [{"batch_size": 4, "grad_accum": 4}, {"batch_size": 2, "grad_accum": 8},
+                         {"batch_size": 1, "grad_accum": 16}]  # smaller micro-batches first, the largest first
+    assert order[3] == {"gradient_checkpointing": True}  # then checkpointing, at the largest micro-batch
+    assert order[-1] == {"batch_size": 1, "grad_accum": 16, "gradient_checkpointing": True,
+                         "optimizer": "paged_adamw_8bit"}
+    adjusted = M.apply_adjustments(w, {"heal": {"batch_size": 4, "grad_accum": 4}}).heal
+    assert [(h.batch_size, h.grad_accum) for h in adjusted] == [(4, 4), (4, 4)]
+    capped = M.adjust_heal(HealConfig(batch_size=2, grad_accum=3), {"batch_size": 4})
+    assert (capped.batch_size, capped.grad_accum) == (2, 3)  # a cap never raises a micro-batch
+
+
+def test_evaluation_stages_share_the_largest_batch_that_fits_one_gpu():
+    config = load_config(LLAMA_7B).config
+    w = M.Workload(heal=(HealConfig(batch_size=4, grad_accum=4),))
+    plan = M.choose(config, w, 40, 8, LLAMA_7B, adjust=True)
+    batch = plan.adjustments["eval"]["batch_size"]
+    assert 1 <= batch < 8 and "heal" not in plan.adjustments  # 7B heals as set; MMLU 5-shot prompts need less batch
+    for stage in ("profile", "unhealed", "healed"):
+        c = plan.choice(stage)
+        assert c.fits and c.gpus == 1 and c.adjusted["eval"] == {"batch_size": batch}  # one GPU, not a split
+
+    def fits(b: int) -> bool:
+        smaller = M.apply_adjustments(w, {"eval": {"batch_size": b}})
+        return all(M.estimate(config, smaller, s).fits(40, M.HEADROOM) for s in ("unhealed", "healed"))
+
+    assert fits(batch) and not fits(batch + 1)
+    text = M.format_plan_table([plan])
+    assert "settings changed" in text and f"eval: {{batch_size: {batch}}}" in text
+
+
+def test_where_nothing_fits_a_40gb_plan_says_by_how_much():
+    config = load_config(LLAMA_70B).config
+    w = M.Workload(heal=(HealConfig(batch_size=4, grad_accum=4, gradient_checkpointing=True, lr=3e-5),))
+    plan = M.choose(config, w, 40, 8, LLAMA_70B, adjust=True)
+    heal = plan.choice("heal")
+    assert not heal.fits and not plan.fits
+    base = sum(t.bytes for t in M.weight_terms(M.Arch.from_config(config), 80, "nf4")) / M.GIB
+    assert 33 < base < 36  # the NF4 70B base alone, the paper's "one 40 GB A100"
+    assert heal.estimate.peak_gib > base
+    assert heal.short_gib == pytest.approx(heal.estimate.peak_gib - 0.9 * 40)
+    assert f"{heal.short_gib:.1f} GiB more than the 36.0 GiB usable" in heal.fix
+    assert heal.estimate.peak_gib == pytest.approx(min(
+        M.estimate(config, M.apply_adjustments(w, adj), "heal").peak_gib for adj in M.heal_candidates(w)))
+    assert f"no (+{heal.short_gib:.1f})" in M.format_plan_table([plan])
+
+
 # --------------------------------------------------------------------------- against torch's own CPU accounting
 
 

@@ -65,3 +65,24 @@ def test_check_reads_each_config_once_with_the_hub_unreachable(monkeypatch, tmp_
     # Each load is one attempt at the (offline) hub cache, then the shipped file: two file reads, nothing more.
     assert sorted(files) == sorted(hub_ids + [str(model_configs.SHIPPED_DIR / f"{m.replace('/', '--')}.json")
                                               for m in hub_ids])
+
+
+def test_check_of_paper_llama2_at_40gb_prints_the_adjusted_plan_then_refuses_the_70b_heal(monkeypatch, tmp_path,
+                                                                                          capsys):
+    from ray_prune.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_PRUNE_DATA_DIR", raising=False)
+    paper = str(REPO / "experiments" / "paper_llama2.yaml")
+    assert main(["sweep", paper, "--check", "--gpu-memory-gb", "40", "--storage", str(tmp_path / "s")]) == 2
+    captured = capsys.readouterr()
+    rows = {tuple(line.split()[:2]): line for line in captured.out.splitlines() if line.startswith("meta-llama/")}
+    assert "heal: {batch_size: 2, grad_accum: 8}" in rows[("meta-llama/Llama-2-13b-hf", "heal")]
+    assert "eval: {batch_size:" in rows[(LLAMA_7B, "unhealed")]
+    assert "no (+" in rows[(LLAMA_70B, "heal")]
+    assert "cost plan" in captured.out and "sweep total:" in captured.out  # printed before the refusal
+    assert f"{LLAMA_70B}: the heal stage fits no 40 GB GPU" in captured.err and "GiB more than" in captured.err
+    plans = {p.model: p for p in plan_models(load_experiment(paper), {m.name: read_model(m) for m in
+                                                                      load_experiment(paper).models}, 40, 8)}
+    assert plans["meta-llama/Llama-2-13b-hf"].adjustments["heal"] == {"batch_size": 2, "grad_accum": 8}
+    assert not plans[LLAMA_70B].fits and plans[LLAMA_7B].fits

@@ -20,7 +20,7 @@ from helpers import save_tiny_models, tiny_spec
 
 from ray_prune.errors import UserError
 from ray_prune.sweep.experiment import parse_experiment
-from ray_prune.sweep.tracking import Tracking, cell_name, check
+from ray_prune.sweep.tracking import Tracking, cell_name, cell_params, check, final_values, trial_params
 
 EXPERIMENT = "tracked"
 # Fake credentials that must reach no tracker, and no file the sweep writes or makes Ray or W&B write.
@@ -95,6 +95,38 @@ def test_checks_refuse_what_the_driver_could_not_track(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="wandb package is not installed") as err:
         check(Tracking(wandb={"project": "p"}))
     assert "ray-prune[trackers]" in err.value.fix
+
+
+def test_a_run_holds_the_cells_settings_and_what_its_row_measured():
+    from dataclasses import replace
+
+    from ray_prune.sweep.grid import expand
+    from ray_prune.sweep.rows import cell_row, curve_columns
+    from ray_prune.sweep.trial import TrialSpec
+
+    cells = expand(parse_experiment(tiny_spec(models=["org/m"], name=EXPERIMENT)), {"org/m": 6})
+    deep = next(c for c in cells if c.strategy == "deepest")
+    params = cell_params(deep)
+    assert (params["n"], params["heal/steps"], params["eval/tasks/boolq/limit"]) == (deep.n, 4, 3)
+    assert not any(k.startswith("calibration/") for k in params)  # deepest: no calibration chose its layers
+    similar = replace(next(c for c in cells if c.strategy == "similarity"), table_key="k1")
+    assert cell_params(similar)["calibration/samples"] == 8
+    assert cell_name(deep) == f"m n={deep.n} deepest {deep.cell_id}"
+
+    # Cells that share a trial (identical computations) are named on the run that computed them.
+    spec = TrialSpec(cell=deep, storage_uri="unused", data_dir=None, threads=1, baseline_loss=None,
+                     reference_loss=None, do_unhealed=False, twins=[similar])
+    assert trial_params(spec)["twins"] == [similar.cell_id]
+    assert "twins" not in trial_params(replace(spec, twins=[]))
+
+    # A row's measurements are the metrics; its provenance and text the tags; its settings and curve neither.
+    row = cell_row(deep, "healed", "finished", c4_loss=2.5, boolq_acc=0.5, boolq_n=3, wall_s=1.25,
+                   eval_precision="fp32", device="cpu", family="llama", **curve_columns([(2, 3.0, 3.1)]))
+    metrics, provenance = final_values(deep, row)
+    assert metrics == {"c4_loss": 2.5, "boolq_acc": 0.5, "boolq_n": 3.0, "wall_s": 1.25}
+    assert {"device": "cpu", "family": "llama", "eval_precision": "fp32"}.items() <= provenance.items()
+    assert provenance["code_version"] == row["code_version"] and provenance["boolq_shots"] == str(row["boolq_shots"])
+    assert not {"n", "heal_lr", "cell_id", "curve_step"} & (set(provenance) | set(metrics))
 
 
 # ----------------------------------------------------------------------------- a tracked sweep
