@@ -80,7 +80,7 @@ def compare(storage: str, experiment: str, force: bool = False):
             out.append((model, "baseline", len(base), ev * len(base), float(base["wall_s"].sum())))
         sums: dict[str, list[float]] = {}
 
-        def add(stage: str, predicted: float, measured: float) -> None:
+        def add(stage: str, predicted: float, measured: float, sums: dict[str, list[float]] = sums) -> None:
             hit = sums.setdefault(stage, [0, 0.0, 0.0])
             hit[0] += 1
             hit[1] += predicted

@@ -89,7 +89,8 @@ def _sweep() -> int:
         wall = time.perf_counter() - t
         counts = df.groupby(["stage", "status"]).size().to_dict()
         print(f"\nsmoke sweep on CUDA: exit {rc}, {wall:.0f} s, rows {counts}, "
-              f"devices {sorted(set(df['device'].dropna()))}, eval precision {sorted(set(df['eval_precision'].dropna()))}")
+              f"devices {sorted(set(df['device'].dropna()))}, "
+              f"eval precision {sorted(set(df['eval_precision'].dropna()))}")
         return 0 if rc == 0 and set(df["status"]) == {"finished"} else 1
 
 
@@ -98,6 +99,8 @@ def check_model(name: str, args) -> None:
     import torch
 
     from ray_prune import evaluate, heal, layers_to_remove, load_model, load_texts, profile, prune_layers
+    from ray_prune.core.calibration import CalibrationConfig
+    from ray_prune.core.evaluation.config import EvalConfig, TaskSettings
     from ray_prune.core.heal.config import HealConfig
     from ray_prune.core.heal.lora import merge_adapter
     from ray_prune.core.loss import c4_loss
@@ -109,9 +112,11 @@ def check_model(name: str, args) -> None:
     n = n_from_fraction(args.fraction, config.num_hidden_layers)
     cfg = HealConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, quantize="nf4",
                      eval_every=args.steps, val_sequences=8, warmup_steps=max(1, args.steps // 10))
-    work = Workload(dtype="bf16", calibration_batch=8, calibration_length=args.seq_len,
-                    calibration_samples=args.calibration, eval_batch=8, eval_seq_len=args.seq_len,
-                    c4_sequences=16, tasks=(("boolq", 0),), heal=(cfg,))
+    evaluation = EvalConfig(tasks={"boolq": TaskSettings(shots=0)}, limit=200, c4_sequences=16, seq_len=args.seq_len,
+                            batch_size=8)
+    work = Workload(dtype="bf16", calibration=CalibrationConfig(samples=args.calibration, max_length=args.seq_len,
+                                                                batch_size=8),
+                    evaluation=evaluation, heal=(cfg,))
 
     def gib(stage: str, precision: str = "auto", removed: int = n) -> float:
         return estimate(config, work, stage, precision=precision, n_removed=removed).peak_gib
@@ -123,8 +128,7 @@ def check_model(name: str, args) -> None:
                                                      progress=False), rows, gib("profile", "bf16", 0))
     remove = layers_to_remove("similarity", table.num_layers, n=n, table=table)
     prune_layers(model, remove)
-    _stage("unhealed eval (bf16)", lambda: evaluate(model, tok, {"boolq": 0}, limit=200, c4_sequences=16,
-                                                    seq_len=args.seq_len, progress=False),
+    _stage("unhealed eval (bf16)", lambda: evaluate(model, tok, evaluation, progress=False),
            rows, gib("unhealed", "bf16"))
     model = None  # free the bf16 copy before the NF4 load
     torch.cuda.empty_cache()

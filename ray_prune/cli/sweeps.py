@@ -9,11 +9,10 @@ def cmd_sweep(args) -> int:
     exp = load_experiment(args.experiment, args.max_cells)
     if args.check:
         return _check(exp, args)
-    from ray_prune.report.status import summary_table
-    from ray_prune.sweep.run import run_sweep
-
     from ray_prune.cli import exit_now
+    from ray_prune.report.status import summary_table
     from ray_prune.sweep.interrupt import SweepInterrupted
+    from ray_prune.sweep.run import run_sweep
 
     try:
         df = run_sweep(exp, storage=args.storage, rerun=args.rerun, progress=not args.quiet,

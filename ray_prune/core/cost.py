@@ -57,7 +57,6 @@ A pipeline split across GPUs (``device_map="auto"``) runs one GPU at a time: the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 

@@ -208,8 +208,8 @@ def _train_rate(net, tok, model: str, workload: Workload, dev, dtype: str, score
     import torch
 
     from ray_prune.core import cost
-    from ray_prune.core.heal.lora import prepare_for_healing
     from ray_prune.core.heal.loop import heal
+    from ray_prune.core.heal.lora import prepare_for_healing
     from ray_prune.core.memory.arch import Arch
     from ray_prune.core.models import load_model
 

@@ -7,6 +7,8 @@
     tables/<model>-<key>.parquet                   distance tables, named by all that made them (the key)
     results/model_slug=<model>/<cell_id>-<stage>.parquet
                                                    one result row each: a hive-partitioned Parquet dataset
+    questions/model_slug=<model>/<cell_id>-<stage>.parquet
+                                                   each evaluated row's per-question outputs (ledger.questions)
     mergekit/model_slug=<model>/<cell_id>.yaml     each cell's pruning as a mergekit passthrough config
     adapters/model_slug=<model>/<cell_id>/         each healed cell's LoRA adapter (peft format + ray_prune.json)
     blocks/<role>-<seq_len>x<n>-<key>.npy (+ .json) packed token blocks, made once, shared by the trials; the
@@ -29,6 +31,7 @@ from ray_prune.core.fingerprint import digest
 EXPERIMENT_RECORD = "experiment.json"
 LOCK = ".sweep.lock"
 RESULTS = "results"
+QUESTIONS = "questions"
 TABLES = "tables"
 TUNE = "tune"
 MERGEKIT = "mergekit"
@@ -46,6 +49,10 @@ def slug(model: str) -> str:
 
 def row_path(model: str, cell_id: str, stage: str) -> str:
     return f"{RESULTS}/{PARTITION}={slug(model)}/{cell_id}-{stage}{ROW_SUFFIX}"
+
+
+def questions_path(model: str, cell_id: str, stage: str) -> str:
+    return f"{QUESTIONS}/{PARTITION}={slug(model)}/{cell_id}-{stage}{ROW_SUFFIX}"
 
 
 def is_partitioned(relative: str) -> bool:

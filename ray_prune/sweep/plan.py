@@ -131,6 +131,10 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
     storage, ledger, note = _open_storage(exp, uri, rerun, check)
     root = data_dir(exp.data_dir)
     exp.eval.config().validate(local=root is not None)
+    if exp.tracking is not None:
+        from ray_prune.sweep.tracking import check as check_tracking
+
+        check_tracking(exp.tracking)  # a tracker that cannot be reached is refused before stage 1, not after
     if root is not None:
         check_local_data(exp, root)
     models = {m.name: read_model(m) for m in exp.models}

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray_prune.errors import UserError
 from ray_prune.ledger.layout import table_path
+from ray_prune.ledger.questions import write_questions
 from ray_prune.ledger.rows import write_row
 from ray_prune.ledger.tables import read_distance_table, write_distance_table
 from ray_prune.ledger.storage import Storage
@@ -110,11 +111,12 @@ def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir
     log.info("%s: baseline%s: %s%s", spec.name, f" in {how.label}", tasks or "no task",
              f", C4 loss on {exp.eval.c4_sequences} blocks" if exp.eval.c4_sequences else "")
     t = time.perf_counter()
-    flat = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
+    flat, records = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
     cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model),
                          exp.calibrations()[0].model_dump(), exp.eval.model_dump(), exp.dtype,
                          baseline_id(exp, spec.name, quantize), quantize, code_version)
     wall = time.perf_counter() - t
+    write_questions(storage, exp.name, cell.cell_id, "baseline", spec.name, records)
     write_row(storage, cell_row(cell, "baseline", "finished", family=family_of(model)[0], **flat, loss_ratio=1.0,
                                 eval_precision=how.label, wall_s=wall, profile_s=profile_s,
                                 gpu_s=device_seconds(wall), device=str(next(model.parameters()).device)))

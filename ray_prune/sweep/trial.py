@@ -79,22 +79,29 @@ def fold_identical(specs: list[TrialSpec]) -> list[TrialSpec]:
     return list(groups.values())
 
 
-def write_stage_rows(storage: Storage, spec: TrialSpec, stage: str, status: str, **fields: Any) -> None:
-    """A stage's row for every cell this trial serves (``TrialSpec.cells``): the twins' say which cell computed
-    them."""
+def write_stage_rows(storage: Storage, spec: TrialSpec, stage: str, status: str, records: list[dict] | None = None,
+                     **fields: Any) -> None:
+    """A stage's row for every cell this trial serves (``TrialSpec.cells``), each after its per-question outputs
+    (``ledger.questions``), so a finished row always has them; the twins' say which cell computed them."""
+    from ray_prune.ledger.questions import write_questions
+
     for cell in spec.cells(stage):
         computed_by = None if cell is spec.cell else spec.cell.cell_id
-        write_row(storage, cell_row(cell, stage, status, **fields, computed_by=computed_by))
+        row = cell_row(cell, stage, status, **fields, computed_by=computed_by)
+        write_questions(storage, cell.experiment, row["cell_id"], stage, cell.model, records or [])
+        write_row(storage, row)
 
 def run_evaluation(model, tokenizer, evaluation: dict[str, Any], data_dir: str | None,
-                   c4_blocks: torch.Tensor | None = None) -> dict[str, float]:
-    """A cell's evaluation (its ``eval`` section) as row columns: the core's ``evaluate``, flattened."""
+                   c4_blocks: torch.Tensor | None = None) -> tuple[dict[str, float], list[dict]]:
+    """A cell's evaluation (its ``eval`` section): the core's ``evaluate``, flattened to row columns, and each
+    question's record (``core.evaluation.paired``)."""
     from ray_prune.core.evaluation.config import EvalConfig
     from ray_prune.core.evaluation.harness import evaluate
 
+    records: list[dict] = []
     scores = evaluate(model, tokenizer, EvalConfig.from_dict(evaluation), data_dir=data_dir, progress=False,
-                      c4_blocks=c4_blocks)
-    return flatten_metrics(scores)
+                      c4_blocks=c4_blocks, records=records)
+    return flatten_metrics(scores), records
 
 
 def device_seconds(seconds: float) -> float:
@@ -129,9 +136,10 @@ def evaluate_unhealed(spec: TrialSpec, storage: Storage, model, tok, family: str
     cell = spec.cell
     ev = {**cell.eval, "tasks": {}} if cell.eval["unhealed"] == "loss" else cell.eval
     t = time.perf_counter()
-    scores = run_evaluation(model, tok, ev, spec.data_dir, _blocks(spec, storage, "test"))
+    scores, records = run_evaluation(model, tok, ev, spec.data_dir, _blocks(spec, storage, "test"))
     wall = time.perf_counter() - t
-    write_stage_rows(storage, spec, "unhealed", "finished", family=family, **scores, eval_precision=how.label,
+    write_stage_rows(storage, spec, "unhealed", "finished", records, family=family, **scores,
+                     eval_precision=how.label,
                      loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss), wall_s=wall, eval_s=wall,
                      gpu_s=device_seconds(wall), device=str(next(model.parameters()).device))
 
@@ -184,12 +192,13 @@ def evaluate_healed(spec: TrialSpec, storage: Storage, peft_model, tok, family: 
     t = time.perf_counter()
     model = merge_adapter(peft_model, inplace=True, dtype=how.dtype) if how.merged else peft_model
     device = str(next(model.parameters()).device)
-    scores = run_evaluation(model, tok, spec.cell.eval, spec.data_dir, _blocks(spec, storage, "test"))
+    scores, records = run_evaluation(model, tok, spec.cell.eval, spec.data_dir, _blocks(spec, storage, "test"))
     eval_s = time.perf_counter() - t
     wall = time.perf_counter() - timing["t0"]
     final = reports[-1] if reports else None
     write_stage_rows(
-        storage, spec, "healed", "finished", family=family, **scores, eval_precision=how.label, adapter=adapter,
+        storage, spec, "healed", "finished", records, family=family, **scores, eval_precision=how.label,
+        adapter=adapter,
         heal_val_loss=final.val_loss if final else None, loss_ratio=_ratio(scores.get("c4_loss"), spec.baseline_loss),
         steps_done=final.step if final else 0, resumed_from_step=resumed_from_step,
         tokens_seen=final.tokens_seen if final else 0, heal_s=timing["heal_s"], eval_s=eval_s,

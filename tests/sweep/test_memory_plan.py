@@ -4,6 +4,7 @@ printed by ``ray-prune sweep --check``, refused when nothing fits; each config r
 from __future__ import annotations
 
 from helpers import REPO
+
 from ray_prune.core.memory import format_plan_table
 from ray_prune.sweep.experiment import load_experiment
 from ray_prune.sweep.memory_plan import plan_models

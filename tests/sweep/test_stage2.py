@@ -54,6 +54,19 @@ def test_identical_cells_share_one_trial_and_each_gets_its_rows(ray_local, model
         assert twin[col] == first[col], col  # the same computation, written twice
     unhealed = df[df["stage"] == "unhealed"]
     assert len(unhealed) == 2 and unhealed["c4_loss"].nunique() == 1 and unhealed["computed_by"].notna().sum() == 1
+    # Every evaluated row keeps its questions, the twin's too, and two rows on the same questions pair up.
+    from ray_prune.core.evaluation.paired import paired_difference
+    from ray_prune.ledger.questions import load_questions, records_of
+
+    questions = load_questions(str(tmp_path / "store"))
+    per_row = questions.groupby(["cell_id", "stage"]).size()
+    assert {(c, s) for c, s in per_row.index} == set(zip(df["cell_id"], df["stage"]))
+    assert set(per_row) == {3}  # boolq, limit 3
+    a = records_of(questions[questions["cell_id"] == first["cell_id"]])
+    b = records_of(questions[questions["cell_id"] == twin["cell_id"]])
+    same = paired_difference(a, b, "boolq", "acc")
+    assert (same.n, same.diff, same.disagree) == (3, 0.0, 0)
+    assert same.mean_a == first["boolq_acc"]
     trials = list((tmp_path / "store" / "tune").glob("*/trainable_*"))
     assert len(trials) == 1, trials  # one trial ran
     again = _run(spec, tmp_path / "store")  # and a rerun finds both cells done

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from ray_prune.core import dtypes
 from ray_prune.core.settings import Settings, is_int, is_number, need, setting
-
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 
@@ -75,7 +75,7 @@ class HealConfig(Settings):
         return self.batch_size * self.grad_accum
 
     @classmethod
-    def from_point(cls, point: Mapping[str, Any], **elsewhere: Any) -> "HealConfig":
+    def from_point(cls, point: Mapping[str, Any], **elsewhere: Any) -> HealConfig:
         """The config of one point of an experiment's heal grid (keys that are not settings, like ``enabled``,
         are ignored), with the settings a sweep takes from elsewhere (``seed``, ``dtype``)."""
         return cls.from_dict(point, **elsewhere)
@@ -85,7 +85,7 @@ class HealConfig(Settings):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
                 if k in self.names(resume=True)}
 
-    def validate(self) -> "HealConfig":
+    def validate(self) -> HealConfig:
         """Fail early, with a fix, on values that would crash or silently mis-train later."""
         for name in ("steps", "batch_size", "grad_accum", "rank", "eval_every", "val_sequences"):
             value = getattr(self, name)

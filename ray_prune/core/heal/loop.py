@@ -20,17 +20,16 @@ import hashlib
 import os
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from ray_prune.core.heal.checkpoint import (CHECKPOINT_PREFIX, find_checkpoint, remove_stale, restore,
-                                            save_checkpoint)
+from ray_prune.core.data import TextSource, iter_role
+from ray_prune.core.heal.checkpoint import CHECKPOINT_PREFIX, find_checkpoint, remove_stale, restore, save_checkpoint
 from ray_prune.core.heal.config import HealConfig
 from ray_prune.core.heal.schedule import SampleOrder, lr_factor
-from ray_prune.core.data import TextSource, iter_role
 from ray_prune.core.loss import next_token_loss
 from ray_prune.core.packing import pack_stream, pack_texts, scored_bos, targets
 

@@ -5,7 +5,12 @@ of the config (:class:`Arch`) and the experiment's batch and sequence settings
 (:class:`Workload`). :func:`estimate` gives one stage's peak as a list of named
 terms; :func:`choose` picks, per stage, the first of *full precision on one GPU*,
 *NF4 on one GPU*, *full precision across k GPUs* (k = 2, 4, 8, within a node)
-that fits, or says what to change; :func:`format_plan_table` prints the result.
+that fits, or says what to change; with ``adjust``, on each of those it first tries
+the settings that change memory but not the method (micro-batches at the same
+sequences per step, gradient checkpointing, the 8-bit paged optimizer, smaller
+evaluation and calibration batches) and records what it changed
+(:attr:`ModelPlan.adjustments`); where nothing fits it says by how much.
+:func:`format_plan_table` prints the result.
 
 Stages, as the sweep runs them (``sweep.profile_stage``, ``sweep.trial``)
 -----------------------------------------------------------------------

@@ -9,8 +9,8 @@ from helpers import tiny_model, tiny_spec
 
 from ray_prune.core.data import load_texts
 from ray_prune.core.heal.config import HealConfig
-from ray_prune.core.heal.lora import prepare_for_healing
 from ray_prune.core.heal.loop import HealReport, heal
+from ray_prune.core.heal.lora import prepare_for_healing
 from ray_prune.errors import UserError
 
 # rank 64 on a 64-wide tiny model: LoRA tensors of 64 x 64 elements and more, which bitsandbytes keeps in 8 bits (it
