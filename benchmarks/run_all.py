@@ -32,7 +32,7 @@ COMMANDS = [
     ["benchmarks/pruned_inference.py", "--batch", "2", "--seq-len", "128", "--prompt", "32", "--new-tokens", "16",
      "--repeats", "3"],
     ["benchmarks/heal_throughput.py", "--steps", "6", "--batch", "2", "--seq-len", "128", "--repeats", "3"],
-    ["benchmarks/continuation_scoring.py", "--questions", "3", "--subjects", "2", "--sampled", "3", "--repeats", "3",
+    ["benchmarks/continuation_scoring.py", "--questions", "4", "--subjects", "1", "--sampled", "2", "--repeats", "3",
      "--warmup", "0"],
     ["benchmarks/scaling.py", "--samples", "8", "16", "32", "64", "--fixed-length", "64", "--lengths", "64", "128",
      "256", "512", "--fixed-samples", "8", "--cells", "1", "2", "4", "8", "--repeats", "2"],

@@ -57,6 +57,8 @@ A pipeline split across GPUs (``device_map="auto"``) runs one GPU at a time: the
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -180,10 +182,12 @@ class TaskTokens:
             return n * self.alone
         size = self.clustered / self.clusters  # contexts per group
         drawn = n * self.contexts / self.questions  # contexts the sample holds
-        share = drawn / self.contexts
-        repeats = drawn * size / self.contexts - 1 + (1 - share) ** size if share < 1 else size - 1
-        # per group: E[members drawn] - P(any drawn) = E[max(0, members drawn - 1)], at most size - 1
-        return n * self.alone - saved * max(0.0, repeats) / (size - 1)
+        N = self.contexts
+        # P(a group has no member in the sample): hypergeometric, C(N - size, drawn) / C(N, drawn)
+        none = 0.0 if drawn > N - size else math.exp(math.lgamma(N - size + 1) - math.lgamma(N - size - drawn + 1)
+                                                      - math.lgamma(N + 1) + math.lgamma(N - drawn + 1))
+        repeats = drawn * size / N - (1 - none)  # per group: E[members drawn] - P(any) = E[max(0, members drawn - 1)]
+        return n * self.alone - saved * min(1.0, max(0.0, repeats / (size - 1)))
 
 
 # Measured once at this commit on the local data mirror: lm-eval (0.4.9) built every request of each task's whole
@@ -192,7 +196,17 @@ class TaskTokens:
 # the tokens it runs, with and without shared prefixes, and the positions it scores. Gemma-3-270M's tokenizer gives
 # within 4% of these on every task; Llama-2's 32k vocabulary (no local copy to measure) spends more tokens per
 # character than SmolLM2's 49k, so its evaluations cost somewhat more than these counts say.
-TASK_TOKENS: dict[tuple[str, int], TaskTokens] = {}
+# TaskTokens(questions, contexts, alone, full, clusters, clustered, scored, length)
+TASK_TOKENS: dict[tuple[str, int], TaskTokens] = {
+    ("mmlu", 0): TaskTokens(14042, 14015, 125.70, 106.59, 200, 13757, 1.00, 125.94),
+    ("boolq", 0): TaskTokens(3270, 3270, 151.42, 136.79, 267, 637, 1.00, 151.42),
+    ("arc_easy", 0): TaskTokens(2376, 2371, 40.44, 40.25, 7, 14, 14.15, 31.55),
+    ("arc_challenge", 0): TaskTokens(1172, 1170, 50.60, 50.55, 2, 4, 20.51, 37.17),
+    ("hellaswag", 0): TaskTokens(10042, 10019, 162.85, 161.95, 387, 786, 114.28, 86.34),
+    ("piqa", 0): TaskTokens(1838, 1803, 56.66, 56.66, 0, 0, 44.32, 36.62),
+    ("winogrande", 0): TaskTokens(1267, 2064, 36.78, 29.36, 465, 956, 10.87, 21.58),
+    ("gsm8k", 5): TaskTokens(1319, 1319, 1021.05, 1021.05, 0, 0, 0.00, 1021.05, generated=True),
+}
 FALLBACK_TOKENS_PER_SHOT = 256  # a task without a measured entry: (shots + 1) x this many tokens, one scored position
 
 
@@ -341,12 +355,17 @@ DEFAULT_RUN = LLAMA_FACTORY_QLORA  # ray-prune's stack: HF + bitsandbytes, a han
 LOAD_BYTES_PER_S = 0.5e9  # assumed: bf16 checkpoint read and placed (NF4 quantization included); no published figure
 
 
+@functools.cache
 def _shipped_arch(hub_id: str) -> Arch:
+    """A published run's model, from its config shipped in ``core/shipped_configs`` (read once a process)."""
+    import json
+
     from transformers import AutoConfig
 
     from ray_prune.core.model_configs import SHIPPED_DIR
 
-    return Arch.from_config(AutoConfig.from_pretrained(str(SHIPPED_DIR / f"{hub_id.replace('/', '--')}.json")))
+    values = json.loads((SHIPPED_DIR / f"{hub_id.replace('/', '--')}.json").read_text())
+    return Arch.from_config(AutoConfig.for_model(**values))
 
 
 def published_utilisation(run: PublishedRun = DEFAULT_RUN) -> float:
@@ -363,12 +382,12 @@ def default_rates(gpu: str = DEFAULT_GPU) -> Rates:
         raise UserError(f"unknown GPU type {gpu!r}", f"use one of {', '.join(GPU_TYPES)}")
     g = GPU_TYPES[gpu]
     u = published_utilisation(DEFAULT_RUN)
-    derived = (f"default: {u:.0%} of {g.peak_flops / 1e12:.0f} TFLOP/s ({DEFAULT_RUN.tokens_per_s:,.0f} tokens/s of "
-               f"{DEFAULT_RUN.name} on one A100, {DEFAULT_RUN.source.split(' (')[0]})")
+    derived = (f"default: {u:.1%} of {gpu}'s {g.peak_flops / 1e12:.0f} TFLOP/s peak ({g.source.split(':')[0]}), the "
+               f"utilisation of {DEFAULT_RUN.tokens_per_s:,.0f} tokens/s in {DEFAULT_RUN.name} on one A100 "
+               f"({DEFAULT_RUN.source.split(' (')[0]}); forward-only work assumed at the training step's utilisation")
     rates = {"train": u * g.peak_flops, "forward": u * g.peak_flops, "score": u * g.peak_flops,
              "load": LOAD_BYTES_PER_S / 2}
-    sources = {"train": derived, "forward": derived + "; forward-only assumed at the training step's utilisation",
-               "score": derived + "; forward-only assumed at the training step's utilisation",
+    sources = {"train": derived, "forward": derived, "score": derived,
                "load": f"default: assumed {LOAD_BYTES_PER_S / 1e9:g} GB/s of bf16 checkpoint (no published figure)"}
     return Rates(gpu, rates, sources)
 
@@ -482,10 +501,12 @@ def model_cost(model: str, arch: Arch, workload: Workload, trials: Sequence[Tria
 
 
 def _si(value: float, unit: str = "") -> str:
+    """``131k``; with a unit, ``98.1 TFLOP/s``."""
+    space = " " if unit else ""
     for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
-            return f"{value / scale:.3g}{prefix}{unit}"
-    return f"{value:.3g}{unit}"
+            return f"{value / scale:.3g}{space}{prefix}{unit}"
+    return f"{value:.3g}{space}{unit}"
 
 
 def format_cost_table(costs: Sequence[ModelCost], price_per_gpu_hour: float | None = None) -> str:
@@ -508,15 +529,20 @@ def format_cost_table(costs: Sequence[ModelCost], price_per_gpu_hour: float | No
     if price_per_gpu_hour is not None:
         line += f", {price_per_gpu_hour * total:,.0f} at {price_per_gpu_hour:g} per GPU-hour"
     lines.append(line)
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple] = set()
     for c in costs:
-        for kind in KINDS:
-            key = (kind, c.rates.sources[kind])
-            if key in seen:
-                continue
-            seen.add(key)
-            unit = "parameters/s" if kind == "load" else "FLOP/s"
-            where = "" if len(costs) == 1 or kind not in c.rates.measured else f" ({c.model})"
-            lines.append(f"rate {kind}{where}: {_si(c.rates.rates[kind])} {unit} on {c.rates.device}, "
-                         f"{c.rates.sources[kind]}")
+        key = (c.rates.device, tuple(sorted(c.rates.rates.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        who = f" ({c.model})" if c.rates.measured else ""
+        lines.append(f"rates on {c.rates.device}{who}: " + ", ".join(
+            f"{k} {_si(c.rates.rates[k]) + ' parameters/s' if k == 'load' else _si(c.rates.rates[k], 'FLOP/s')}"
+            for k in KINDS
+            if k in c.rates.rates))
+        by_source: dict[str, list[str]] = {}
+        for k in KINDS:
+            if k in c.rates.sources:
+                by_source.setdefault(c.rates.sources[k], []).append(k)
+        lines += [f"  {', '.join(kinds)}: {source}" for source, kinds in by_source.items()]
     return "\n".join(lines)

@@ -162,9 +162,10 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
     if ev.tasks:
         from ray_prune.core.evaluation.loglikelihood import score_continuations
 
-        lengths = [(cost.task_tokens(n, k)[0].length, cost.task_tokens(n, k)[0].questions)
-                   for n, k in ev.shots().items()]
-        L = max(2, round(sum(length * q for length, q in lengths) / sum(q for _, q in lengths)))
+        limits = ev.limits()
+        shapes = [cost.task_tokens(task, shots)[0] for task, shots in ev.shots().items()]
+        counts = [min(tt.questions, limits[task] or tt.questions) for tt, task in zip(shapes, ev.shots())]
+        L = max(2, round(sum(tt.length * q for tt, q in zip(shapes, counts)) / sum(counts)))  # the questions' mean
         answers = [[int(i)] for i in torch.randint(0, vocab, (4,), generator=gen)]
 
         def score(rows: int, n: int) -> None:

@@ -33,7 +33,16 @@ from ray_prune.errors import UserError
 
 Strategy = Literal["similarity", "deepest", "layers", "block_influence", "greedy"]
 STRATEGIES: tuple[str, ...] = ("similarity", "deepest", "layers", "block_influence", "greedy")
-PLANNED_STRATEGIES: tuple[str, ...] = ("similarity", "deepest")  # what a sweep grid can name: "layers" needs a list
+# What a sweep grid can name ("layers" needs a list), and what it runs when it names none: the paper's two.
+PLANNED_STRATEGIES: tuple[str, ...] = ("similarity", "deepest", "block_influence", "greedy")
+DEFAULT_STRATEGIES: tuple[str, ...] = ("similarity", "deepest")
+# Training-free repairs a sweep can apply right after pruning (core.repair): the other half of a method.
+REPAIRS: tuple[str, ...] = ("none", "linear")
+# What each strategy needs from stage 1, computed once per model and calibration setting: a distance table of a
+# metric (None: the calibration's own), or a greedy removal order.
+STAGE1_NEEDS: dict[str, tuple[str, str | None]] = {"similarity": ("table", None),
+                                                   "block_influence": ("table", "block_influence"),
+                                                   "greedy": ("order", None)}
 
 
 def n_from_fraction(fraction: float, num_layers: int) -> int:

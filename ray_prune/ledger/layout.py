@@ -5,6 +5,7 @@
     experiment.json                                the experiment that owns this root
     .sweep.lock                                    the running driver's lock (heartbeat)
     tables/<model>-<key>.parquet                   distance tables, named by all that made them (the key)
+    orders/<model>-<key>.json                      greedy removal orders (core.greedy), likewise
     results/model_slug=<model>/<cell_id>-<stage>.parquet
                                                    one result row each: a hive-partitioned Parquet dataset
     questions/model_slug=<model>/<cell_id>-<stage>.parquet
@@ -33,6 +34,7 @@ LOCK = ".sweep.lock"
 RESULTS = "results"
 QUESTIONS = "questions"
 TABLES = "tables"
+ORDERS = "orders"
 TUNE = "tune"
 MERGEKIT = "mergekit"
 ADAPTERS = "adapters"
@@ -77,6 +79,11 @@ def blocks_path(key: str, role: str, seq_len: int, count: int) -> str:
 def table_path(model: str, key: str) -> str:
     """A distance table; ``key`` hashes everything that made it (the weights, the calibration settings and text)."""
     return f"{TABLES}/{slug(model)}-{key}.parquet"
+
+
+def order_path(model: str, key: str) -> str:
+    """A greedy removal order; ``key`` hashes everything that made it."""
+    return f"{ORDERS}/{slug(model)}-{key}.json"
 
 
 def stable_hash(obj: Any) -> str:

@@ -46,6 +46,7 @@ _IDENTITY = [
     ("model", pa.string()), ("trust_remote_code", pa.bool_()), ("family", pa.string()),
     ("num_layers", pa.int64()), ("n", pa.int64()), ("fraction", pa.float64()), ("fraction_removed", pa.float64()),
     ("strategy", pa.string()), ("removed_layers", pa.list_(pa.int64())),
+    ("repair", pa.string()),  # the training-free repair applied after pruning: none, linear (core.repair)
     ("eval_precision", pa.string()),  # what was scored: "nf4+fp32" (NF4 base computing in fp32), "bf16", ...
 ]
 _PROGRESS = [

@@ -1,4 +1,5 @@
-"""Distance tables on a sweep's storage: the one pair of functions that write and read them, and their check.
+"""What stage 1 stores per model: distance tables (the one pair of functions that write and read them, and their
+check), and greedy removal orders.
 
 A table is a Parquet file named by a key that hashes everything that made it (``layout.table_path``: the
 model's weights, the calibration settings and text, the dtype), whose schema metadata carries the same key and
@@ -14,7 +15,7 @@ import math
 import warnings
 
 from ray_prune.core.distance import DistanceTable
-from ray_prune.ledger.layout import TABLES, table_path
+from ray_prune.ledger.layout import TABLES, order_path, table_path
 from ray_prune.ledger.storage import Storage
 
 KEY = "key"  # where a table's key sits in its facts (DistanceTable.extra)
@@ -68,3 +69,35 @@ def read_distance_tables(storage: Storage) -> list[DistanceTable]:
         except Exception as e:  # noqa: BLE001 - a corrupt table must not sink a report
             warnings.warn(f"skipping distance table {storage.path(rel)}: {e}", stacklevel=2)
     return tables
+
+
+def write_greedy_order(storage: Storage, model: str, key: str, order) -> str:
+    """Store ``model``'s greedy removal order (``core.greedy.GreedyOrder``) under ``key``, as JSON with its key."""
+    import json
+
+    path = order_path(model, key)
+    storage.write_bytes(path, json.dumps({KEY: key, **order.to_dict()}, indent=1).encode())
+    return path
+
+
+def read_greedy_order(storage: Storage, model: str, key: str, rounds: int):
+    """``model``'s stored greedy order under ``key`` if it holds at least ``rounds`` removals: FileNotFoundError
+    where there is none, :class:`InvalidTable` where it cannot be trusted or is too short."""
+    import json
+
+    from ray_prune.core.greedy import GreedyOrder
+
+    path = order_path(model, key)
+    where = storage.path(path)
+    raw = storage.read_bytes(path)
+    try:
+        data = json.loads(raw)
+        if data.pop(KEY, None) != key:
+            raise InvalidTable(f"{where} was made for another key")
+        order = GreedyOrder.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise InvalidTable(f"{where} is not a readable greedy order ({e})") from None
+    if len(order.order) < rounds or len(set(order.order)) != len(order.order) or \
+            not all(0 <= i < order.num_layers for i in order.order):
+        raise InvalidTable(f"{where} holds {len(order.order)} removals, {rounds} are needed")
+    return order

@@ -5,15 +5,18 @@ Cells are the plan's (``grid.expand``): fraction 0 is one cell shared by the str
 model owns its unhealed row (``eval.unhealed: loss`` scores only the C4 loss there). Every cell is counted as a trial
 of its own, although a sweep folds cells whose layers turn out identical (the same blocks chosen by two strategies)
 into one trial: that is known only once the distance table exists, so the plan is an upper bound there. A model's
-trials hold the GPUs its memory plan gives them (one where there is no memory plan), for all their stages.
+trials hold the GPUs its memory plan gives them (one where there is no memory plan), for all their stages, and run
+with the settings the memory plan changed (``ModelPlan.adjustments``: gradient checkpointing adds its recompute).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ray_prune.core.cost import DEFAULT_GPU, ModelCost, Rates, TrialWork, default_rates, gpu_type_for, model_cost
+from ray_prune.core.memory import adjust_heal, apply_adjustments
 from ray_prune.sweep.experiment import Experiment
 from ray_prune.sweep.grid import Cell
 from ray_prune.sweep.memory_plan import workload
@@ -22,11 +25,12 @@ if TYPE_CHECKING:
     from ray_prune.sweep.plan import Plan
 
 
-def trial_work(exp: Experiment, cell: Cell) -> TrialWork:
-    """What ``trial.run_cell`` does for ``cell``: its kept blocks, its heal, its unhealed row if it owns one, and a
-    second load where it heals in another precision than it is scored in."""
+def trial_work(exp: Experiment, cell: Cell, heal_adjustments: Mapping[str, Any] | None = None) -> TrialWork:
+    """What ``trial.run_cell`` does for ``cell``: its kept blocks, its heal (with the memory plan's heal adjustments:
+    gradient checkpointing recomputes), its unhealed row if it owns one, and a second load where it heals in another
+    precision than it is scored in."""
     unhealed = exp.eval.unhealed if cell.owns_unhealed else False
-    heal = cell.heal_config() if cell.heals else None
+    heal = adjust_heal(cell.heal_config(), heal_adjustments or {}) if cell.heals else None
     loads = 2 if heal is not None and cell.scored_as != heal.quantize else 1
     return TrialWork(kept=cell.num_layers - cell.n, heal=heal, unhealed=unhealed, loads=loads)
 
@@ -57,16 +61,17 @@ def plan_costs(p: Plan, gpu: str, probe: bool = False, force: bool = False) -> C
     out = CostPlan([], gpu)
     for spec in exp.models:
         record = p.models[spec.name]
-        w = workload(exp, spec)
+        plan = gpus.get(spec.name)
+        adjusted = plan.adjustments if plan is not None else {}
+        w = apply_adjustments(workload(exp, spec), adjusted)  # as the memory plan runs it
         rates = base
         if probe:
             rates = _probed(spec.name, w, exp, base, out.notes, force)
         cells = [c for c in p.cells if c.model == spec.name]
-        plan = gpus.get(spec.name)
         table = any(c.strategy == "similarity" and c.n > 0 for c in cells)
-        out.costs.append(model_cost(spec.name, record.arch, w, [trial_work(exp, c) for c in cells], rates,
-                                    plan.profile_gpus if plan else 1, plan.trial_gpus if plan else 1, table,
-                                    len(exp.precisions(spec))))
+        trials = [trial_work(exp, c, adjusted.get("heal")) for c in cells]
+        out.costs.append(model_cost(spec.name, record.arch, w, trials, rates, plan.profile_gpus if plan else 1,
+                                    plan.trial_gpus if plan else 1, table, len(exp.precisions(spec))))
     unmeasured = sorted({f"{n} {k}-shot" for n, k in exp.eval.config().shots().items()
                          if (n, k) not in _measured()})
     if unmeasured:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ray_prune.core import dtypes
 from ray_prune.core.data import TEXT_SOURCES
-from ray_prune.core.select import PLANNED_STRATEGIES
+from ray_prune.core.select import DEFAULT_STRATEGIES, PLANNED_STRATEGIES, REPAIRS
 from ray_prune.errors import UserError
 from ray_prune.sweep.sections import (CalibrationSection, EvalSection, HealSection, check_model_heal,
                                      fraction_settings)
@@ -106,7 +106,10 @@ class Experiment(_Strict):
         CalibrationSection(), description="one calibration setting, or a list of them: each model is profiled once "
         "per setting, and the setting is part of the identity of every cell whose layers it chooses")
     fractions: Union[list[float], FractionRange]
-    strategies: list[_choice(PLANNED_STRATEGIES)] = Field(list(PLANNED_STRATEGIES), min_length=1)
+    strategies: list[_choice(PLANNED_STRATEGIES)] = Field(list(DEFAULT_STRATEGIES), min_length=1)
+    repairs: list[_choice(REPAIRS)] = Field(["none"], min_length=1, description="training-free repairs applied "
+                                            "right after pruning (a grid axis): none, or linear (ReplaceMe's "
+                                            "least-squares stand-in for each removed run, folded into weights)")
     heal: HealSection = HealSection()
     eval: EvalSection = EvalSection()
     seeds: list[int] = Field([0], min_length=1)
@@ -277,8 +280,9 @@ def grid_size(data: dict[str, Any], source: str = "experiment", max_cells: int =
         n_fractions = length(fractions)
     heal = data.get("heal") if isinstance(data.get("heal"), dict) else {}
     models = data.get("models") if isinstance(data.get("models"), list) else []
-    strategies = length(data["strategies"]) if "strategies" in data else len(PLANNED_STRATEGIES)
-    axes = {"fractions": n_fractions, "strategies": strategies, "seeds": length(data.get("seeds"))}
+    strategies = length(data["strategies"]) if "strategies" in data else len(DEFAULT_STRATEGIES)
+    axes = {"fractions": n_fractions, "strategies": strategies, "repairs": length(data.get("repairs")),
+            "seeds": length(data.get("seeds"))}
     total = 0
     for m in models or [None]:
         own = m.get("heal", {}) if isinstance(m, dict) and isinstance(m.get("heal"), dict) else {}
@@ -288,7 +292,7 @@ def grid_size(data: dict[str, Any], source: str = "experiment", max_cells: int =
             points *= n
             if n > 1:
                 axes[f"heal.{key}"] = max(axes.get(f"heal.{key}", 1), n)
-        total += n_fractions * axes["strategies"] * points * axes["seeds"]
+        total += n_fractions * axes["strategies"] * axes["repairs"] * points * axes["seeds"]
     if total > max_cells:
         multiplied = " x ".join(f"{k} {v}" for k, v in axes.items() if v > 1)
         raise UserError(f"{source} makes up to {total:,} cells ({len(models)} model(s) x {multiplied}), more than "

@@ -17,7 +17,7 @@ from typing import Any
 from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.heal.config import HealConfig
-from ray_prune.core.select import check_n, n_from_fraction
+from ray_prune.core.select import STAGE1_NEEDS, check_n, n_from_fraction
 from ray_prune.errors import UserError
 from ray_prune.ledger.layout import stable_hash
 from ray_prune.sweep.experiment import Experiment, ModelSpec
@@ -46,6 +46,7 @@ class Cell:
     removed_layers: list[int] = field(default_factory=list)  # filled in once the model is profiled
     table_key: str | None = None  # the stored distance table that chose removed_layers (ledger.tables), if one did
     code_version: str = ""  # the driver's commit (core.provenance): workers may run from a copy without .git
+    repair: str = "none"  # the training-free repair applied right after pruning (core.repair)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,14 +66,27 @@ class Cell:
         return CalibrationConfig.from_dict(self.calibration)
 
 
-# Strategies whose choice of layers depends on calibration data: the calibration setting is part of their cells'
-# identity, and a list of settings multiplies them.
-USES_CALIBRATION: tuple[str, ...] = ("similarity", "block_influence", "greedy")
+# Strategies whose choice of layers depends on calibration data (what they need of stage 1): the calibration
+# setting is part of their cells' identity, and a list of settings multiplies them. A repair fits on calibration
+# data too.
+USES_CALIBRATION: tuple[str, ...] = tuple(STAGE1_NEEDS)
 
 
 def calibration_id(calibration: dict[str, Any]) -> str:
     """A short name of one calibration setting (its identity's hash): what tables and cells are keyed by."""
     return stable_hash(CalibrationConfig.identity_of(calibration))
+
+
+def stage1_need(cell: Cell) -> tuple[str, dict[str, Any]] | None:
+    """What ``cell`` needs of its model's stage 1 (``core.select.STAGE1_NEEDS``): ``("table", calibration)`` or
+    ``("order", calibration)``, the calibration with the metric the strategy reads; None for a strategy that needs
+    nothing (deepest, or n = 0)."""
+    if not cell.n or cell.strategy not in STAGE1_NEEDS:
+        return None
+    kind, metric = STAGE1_NEEDS[cell.strategy]
+    if kind == "order":  # a greedy order reads the calibration loss, not a distance: one order whatever the metric
+        metric = CalibrationConfig().metric
+    return kind, ({**cell.calibration, "metric": metric} if metric else cell.calibration)
 
 
 def heal_identity(point: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +141,26 @@ def merged_fractions(exp: Experiment, num_layers: dict[str, int]) -> list[str]:
     return lines
 
 
+def _add_cells(cells: dict[str, Cell], owners: set[str], exp: Experiment, spec: ModelSpec, L: int, fraction: float,
+               n: int, strategy: str, repair: str, calibration: dict, prune_key: dict, evaluation: dict) -> None:
+    """The cells of one pruned model (model, n, strategy, repair, calibration): one per heal point and seed. The
+    first to claim the pruned model's unhealed row owns it."""
+    for heal in exp.heal_points(spec, fraction):
+        quantize = scored_as(exp, heal)
+        unhealed_id = (baseline_id(exp, spec.name, quantize) if n == 0
+                       else stable_hash({**prune_key, "scored": quantize}))
+        for seed in exp.seeds:
+            cell_id = stable_hash({**prune_key, "heal": heal_identity(heal), "seed": seed})
+            if cell_id in cells:
+                continue
+            cells[cell_id] = Cell(
+                experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code, num_layers=L,
+                fraction=fraction, n=n, strategy=strategy, seed=seed, heal=heal, calibration=calibration,
+                eval=evaluation, dtype=exp.dtype, cell_id=cell_id, unhealed_id=unhealed_id,
+                owns_unhealed=n > 0 and unhealed_id not in owners, scored_as=quantize, repair=repair)
+            owners.add(unhealed_id)
+
+
 def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
     """All cells of the grid, deduplicated (two fractions that round to the same n are one cell)."""
     cells: dict[str, Cell] = {}
@@ -140,26 +174,16 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
             n = _n_of(fraction, spec, L)
             # n = 0 prunes nothing: one cell, whatever the strategies, and its unhealed row is the baseline's.
             for strategy in (exp.strategies if n > 0 else ["none"]):
-                calibrated = strategy in USES_CALIBRATION and n > 0
-                for calibration in (calibrations if calibrated else calibrations[:1]):
-                    prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation_id,
-                                 "dtype": exp.dtype,
-                                 "calibration": CalibrationConfig.identity_of(calibration) if calibrated else None}
-                    for heal in exp.heal_points(spec, fraction):
-                        quantize = scored_as(exp, heal)
-                        unhealed_id = (baseline_id(exp, spec.name, quantize) if n == 0
-                                       else stable_hash({**prune_key, "scored": quantize}))
-                        for seed in exp.seeds:
-                            cell_id = stable_hash({**prune_key, "heal": heal_identity(heal), "seed": seed})
-                            if cell_id in cells:
-                                continue
-                            cells[cell_id] = Cell(
-                                experiment=exp.name, model=spec.name, trust_remote_code=spec.trust_remote_code,
-                                num_layers=L, fraction=fraction, n=n, strategy=strategy, seed=seed, heal=heal,
-                                calibration=calibration, eval=evaluation, dtype=exp.dtype, cell_id=cell_id,
-                                unhealed_id=unhealed_id, owns_unhealed=n > 0 and unhealed_id not in owners,
-                                scored_as=quantize)
-                            owners.add(unhealed_id)
+                for repair in (exp.repairs if n > 0 else ["none"]):
+                    calibrated = n > 0 and (strategy in USES_CALIBRATION or repair != "none")
+                    for calibration in (calibrations if calibrated else calibrations[:1]):
+                        prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation_id,
+                                     "dtype": exp.dtype,
+                                     "calibration": CalibrationConfig.identity_of(calibration) if calibrated else None}
+                        if repair != "none":  # a repair added later names only its own cells
+                            prune_key["repair"] = repair
+                        _add_cells(cells, owners, exp, spec, L, fraction, n, strategy, repair, calibration, prune_key,
+                                   evaluation)
     if not cells:
         raise UserError("the experiment's grid is empty", "list at least one model, fraction and strategy")
     return list(cells.values())

@@ -18,7 +18,7 @@ from ray_prune.ledger.done import DONE, done_ids
 from ray_prune.ledger.rows import read_experiment_record, read_rows
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
-from ray_prune.sweep.grid import USES_CALIBRATION, Cell, calibration_id, expand, merged_fractions
+from ray_prune.sweep.grid import Cell, calibration_id, expand, merged_fractions, stage1_need
 
 DEFAULT_STORAGE_ROOT = "results"  # an experiment without storage writes to results/<name>
 
@@ -66,6 +66,20 @@ def read_model(spec: ModelSpec) -> ModelRecord:
                        model_identity(spec.name), loaded.note)
 
 
+def need_key(need: tuple[str, dict[str, Any]]) -> tuple[str, str]:
+    """(kind, calibration id) of a stage-1 need (``grid.stage1_need``)."""
+    return need[0], calibration_id(need[1])
+
+
+def stage1_key(exp: Experiment, record: ModelRecord, root, kind: str, calibration: dict[str, Any]) -> str:
+    """The key a stage-1 result is stored under: a distance table's (:func:`table_key`), or a greedy order's,
+    which is the key of the calibration text and model it was computed on with its own name in front."""
+    from ray_prune.ledger.layout import stable_hash
+
+    key = table_key(exp, record, root, calibration)
+    return key if kind == "table" else stable_hash({"greedy_order": key})
+
+
 def table_key(exp: Experiment, record: ModelRecord, root, calibration: dict[str, Any]) -> str:
     """The key a model's distance table is stored under: a hash of everything that makes the table (the weights,
     the calibration settings, the calibration text and the roles that pick it, the dtype), so that changing any
@@ -91,7 +105,8 @@ class Plan:
     cells: list[Cell]
     pending: list[Cell]  # cells without a finished or stopped healed row
     ledger: dict[tuple[str, str], str]  # (cell_id, stage) -> status of the rows already there
-    table_keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, calibration id) -> table key
+    # (model, kind, calibration id) -> the key of what stage 1 stores for it (table_key): a table or an order
+    stage1_keys: dict[tuple[str, str, str], str] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)  # fractions that share another's cell (grid.merged_fractions)
     code_version: str = ""  # this checkout's commit (core.provenance.code_version), which every row records
     memory: list = field(default_factory=list)  # core.memory.ModelPlan per model, once the GPU size is known
@@ -141,10 +156,8 @@ def plan(exp: Experiment, storage_uri: str | None = None, rerun: bool = False, c
     check_lora_targets(exp, models)
     cells = expand(exp, {name: m.num_layers for name, m in models.items()})
     pending = [c for c in cells if ledger.get((c.cell_id, "healed")) not in DONE]
-    keys = {(c.model, calibration_id(c.calibration)): None for c in cells if c.strategy in USES_CALIBRATION and c.n}
-    keys = {(m, cid): table_key(exp, models[m], root, next(c.calibration for c in cells if c.model == m
-                                                           and calibration_id(c.calibration) == cid))
-            for m, cid in keys}
+    needs = {(c.model, *need_key(need)): need[1] for c in cells if (need := stage1_need(c)) is not None}
+    keys = {k: stage1_key(exp, models[k[0]], root, k[1], cal) for k, cal in needs.items()}
     layers = {name: m.num_layers for name, m in models.items()}
     from ray_prune.core.provenance import code_version
 

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_prune.errors import UserError
-from ray_prune.ledger.layout import table_path
+from ray_prune.ledger.layout import order_path, table_path
 from ray_prune.ledger.questions import write_questions
 from ray_prune.ledger.rows import write_row
-from ray_prune.ledger.tables import read_distance_table, write_distance_table
+from ray_prune.ledger.tables import (read_distance_table, read_greedy_order, write_distance_table,
+                                     write_greedy_order)
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
-from ray_prune.sweep.grid import USES_CALIBRATION, baseline_id, calibration_id
+from ray_prune.sweep.grid import baseline_id, stage1_need
 from ray_prune.sweep.interrupt import Interrupts, SweepInterrupted
-from ray_prune.sweep.plan import Plan
+from ray_prune.sweep.plan import Plan, need_key
 from ray_prune.sweep import shared_blocks
 from ray_prune.sweep.rows import baseline_cell, cell_row
 from ray_prune.sweep.shared_blocks import Need
@@ -47,11 +48,12 @@ def reference_key(quantize: str, seq_len: int, val_sequences: int) -> str:
     return f"{quantize}:{seq_len}x{val_sequences}"
 
 
-def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None,
-             tables: list[tuple[str, dict]], streamed: bool, gpus: float) -> float:
-    """Each distance table of ``tables`` ((key, calibration settings)), in the experiment's inference precision,
-    the model loaded once; returns their seconds. ``streamed``: one block at a time from the safetensors shards (a
-    model larger than the GPU, exact all the same)."""
+def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, work: list[tuple],
+             streamed: bool, gpus: float) -> float:
+    """What the model's cells need of stage 1 (``work``: (kind, key, calibration settings, rounds)): distance tables,
+    in the experiment's inference precision, and greedy removal orders, the model loaded once; returns their
+    seconds. ``streamed``: tables one block at a time from the safetensors shards (a model larger than the GPU,
+    exact all the same; a greedy order needs the model in memory, which the plan checks)."""
     from ray_prune.core.calibration import CalibrationConfig
     from ray_prune.core.data import load_texts
     from ray_prune.core.models import load_model, load_tokenizer
@@ -60,27 +62,38 @@ def _profile(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str |
 
     model = tok = None
     seconds = 0.0
-    for key, calibration in tables:
+    for kind, key, calibration, rounds in work:
         cal = CalibrationConfig.from_dict(calibration)
         texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir,
                            source=exp.text_source(cal.dataset))
-        kw = dict(metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length, model_id=spec.name,
-                  progress=False)
-        if streamed:
-            tok = tok or load_tokenizer(spec.name, spec.trust_remote_code)
-            t0 = time.perf_counter()
-            table = profile_streamed(spec.name, tok, texts, dtype=exp.dtype,
-                                     trust_remote_code=spec.trust_remote_code, **kw)
+        if model is None and not (streamed and kind == "table"):
+            model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code,
+                                    spread=gpus > 1)
+        tok = tok or load_tokenizer(spec.name, spec.trust_remote_code)
+        t0 = time.perf_counter()
+        if kind == "order":
+            _greedy(storage, spec.name, key, model, tok, texts, cal, rounds)
         else:
-            if model is None:
-                model, tok = load_model(spec.name, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code,
-                                        spread=gpus > 1)
-            t0 = time.perf_counter()
-            table = profile(model, tok, texts, **kw)
+            kw = dict(metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length, model_id=spec.name,
+                      progress=False)
+            table = (profile_streamed(spec.name, tok, texts, dtype=exp.dtype, trust_remote_code=spec.trust_remote_code,
+                                      **kw) if streamed else profile(model, tok, texts, **kw))
+            table.extra = {**table.extra, "calibration": calibration}  # the report labels tables by it
+            write_distance_table(storage, spec.name, key, table)
         seconds += time.perf_counter() - t0
-        table.extra = {**table.extra, "calibration": calibration}  # which setting made it: the report labels by it
-        write_distance_table(storage, spec.name, key, table)
     return seconds
+
+
+def _greedy(storage: Storage, name: str, key: str, model, tok, texts: list[str], cal, rounds: int) -> None:
+    """SLEB's greedy removal order on the calibration text, as many rounds as the model's largest greedy cell."""
+    from ray_prune.core.greedy import greedy_order
+    from ray_prune.core.packing import pack_texts, scored_bos
+
+    blocks = pack_texts(texts, tok, cal.max_length, max_blocks=cal.samples)
+    log.info("%s: greedy removal order, %d rounds on %d blocks of %d tokens", name, rounds, len(blocks),
+             cal.max_length)
+    order = greedy_order(model, blocks, bos=scored_bos(tok), batch_size=cal.batch_size, max_remove=rounds)
+    write_greedy_order(storage, name, key, order)
 
 
 def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, quantize: str,
@@ -144,12 +157,12 @@ class _Forward(logging.Handler):
 
 
 def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None,
-                  tables: list[tuple[str, dict]], baselines: list[str], threads: int, streamed: bool = False,
+                  work: list[tuple], baselines: list[str], threads: int, streamed: bool = False,
                   gpus: float = 0.0, queue=None, code_version: str = "") -> Profiled:
     """Stage 1 for one model (inside its actor): shared blocks, distance tables, references and baselines.
 
-    ``tables``: (key, calibration settings) of each distance table to compute and store (those not stored whole
-    already). ``baselines``: the scoring quantizations whose baseline row is still missing.
+    ``work``: (kind, key, calibration settings, rounds) of each table or greedy order to compute and store (those
+    not stored whole already). ``baselines``: the scoring quantizations whose baseline row is still missing.
     """
     import torch
 
@@ -165,7 +178,7 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
     notes: list[str] = []
     blocks = shared_blocks.make(storage, tok, wanted, data_dir, exp.text_source("c4"), notes)
-    profile_s = _profile(exp, spec, storage, data_dir, tables, streamed, gpus) if tables else 0.0
+    profile_s = _profile(exp, spec, storage, data_dir, work, streamed, gpus) if work else 0.0
     references: dict[str, float] = {}
     losses: dict[str, float | None] = {}
     for quantize in exp.precisions(spec):
@@ -175,28 +188,35 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     return Profiled(blocks, references, losses, profile_s, notes)
 
 
-def _tables_to_make(p: Plan, model: str, rerun: bool, say) -> list[tuple[str, dict]]:
-    """(key, calibration settings) of each distance table stage 1 must compute for ``model``: those its pending
-    cells need that are not stored whole. A stored table that does not validate is reported, deleted and made
-    again."""
+def _stage1_to_make(p: Plan, model: str, rerun: bool, say) -> list[tuple]:
+    """(kind, key, calibration settings, rounds) of each table and greedy order stage 1 must compute for ``model``:
+    those its pending cells need that are not stored whole. A stored one that does not validate is reported,
+    deleted and made again."""
     from ray_prune.ledger.tables import InvalidTable
 
-    wanted: dict[str, dict] = {}
+    wanted: dict[tuple[str, str], list] = {}
     for c in p.pending:
-        if c.model == model and c.strategy in USES_CALIBRATION and c.n:
-            wanted.setdefault(p.table_keys[(model, calibration_id(c.calibration))], c.calibration)
+        need = stage1_need(c) if c.model == model else None
+        if need is not None:
+            key = p.stage1_keys[(model, *need_key(need))]
+            entry = wanted.setdefault((need[0], key), [need[1], 0])
+            entry[1] = max(entry[1], c.n)
     out = []
-    for key, calibration in wanted.items():
+    for (kind, key), (calibration, rounds) in wanted.items():
+        path = table_path(model, key) if kind == "table" else order_path(model, key)
         if not rerun:
             try:
-                read_distance_table(p.storage, model, key)
+                if kind == "table":
+                    read_distance_table(p.storage, model, key)
+                else:
+                    read_greedy_order(p.storage, model, key, rounds)
                 continue
             except FileNotFoundError:
                 pass
             except InvalidTable as e:
-                say(f"{e}; profiling {model} again")
-                p.storage.delete(table_path(model, key))
-        out.append((key, calibration))
+                say(f"{e}; computing it again for {model}")
+                p.storage.delete(path)
+        out.append((kind, key, calibration, rounds))
     return out
 
 
@@ -218,12 +238,12 @@ class Stage1:
         profiler = ray.remote(profile_model)
         self.futures: dict[str, Any] = {}
         for m in p.models_with_work():
-            tables = _tables_to_make(p, m.name, rerun, self.say)
+            work = _stage1_to_make(p, m.name, rerun, self.say)
             baselines = [q for q in exp.precisions(m)
                          if rerun or p.ledger.get((baseline_id(exp, m.name, q), "baseline")) != "finished"]
             g = gpus[m.name]
             self.futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
-                exp.model_dump(), m.model_dump(), store.uri, p.data_dir, tables, baselines, cpus, g["streamed"],
+                exp.model_dump(), m.model_dump(), store.uri, p.data_dir, work, baselines, cpus, g["streamed"],
                 g["profile"], self.queue, p.code_version)
 
     @property
@@ -323,11 +343,15 @@ def _earlier_baselines(p: Plan, out: dict[str, Profiled]) -> None:
                 r.baseline_loss[quantize] = float(hit["c4_loss"].iloc[0])
 
 
-def load_tables(p: Plan, model: str | None = None) -> dict[tuple[str, str], Any]:
-    """(model, calibration id) -> the distance table its pending cells choose layers by (stage 1 made or checked
-    each); of one model, or of all."""
-    wanted = {(c.model, calibration_id(c.calibration)) for c in p.pending
-              if c.strategy in USES_CALIBRATION and c.n and model in (None, c.model)}
-    return {k: read_distance_table(p.storage, k[0], p.table_keys[k]) for k in sorted(wanted)}
-
-
+def load_stage1(p: Plan, model: str) -> dict[tuple[str, str], Any]:
+    """(kind, calibration id) -> the table or greedy order a model's pending cells choose layers by (stage 1 made
+    or checked each)."""
+    out: dict[tuple[str, str], Any] = {}
+    for c in p.pending:
+        need = stage1_need(c) if c.model == model else None
+        if need is None or need_key(need) in out:
+            continue
+        key = p.stage1_keys[(model, *need_key(need))]
+        out[need_key(need)] = (read_distance_table(p.storage, model, key) if need[0] == "table"
+                               else read_greedy_order(p.storage, model, key, c.n))
+    return out

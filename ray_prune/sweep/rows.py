@@ -36,10 +36,11 @@ def cell_row(cell: Cell, stage: str, status: str, **extra: Any) -> dict[str, Any
         "unhealed_id": cell.unhealed_id, "stage": stage, "status": status, "model": cell.model,
         "trust_remote_code": bool(cell.trust_remote_code), "num_layers": cell.num_layers, "n": cell.n,
         "fraction": cell.fraction, "fraction_removed": cell.n / cell.num_layers, "strategy": cell.strategy,
-        "removed_layers": list(cell.removed_layers), "seed": cell.seed if healed else None,
+        "removed_layers": list(cell.removed_layers), "repair": cell.repair, "seed": cell.seed if healed else None,
         **_provenance(cell, extra), **({"code_version": cell.code_version} if cell.code_version else {}),
         **(heal_values(cell.heal) if healed else {}),
-        **(calibration_values(cell.calibration, cell.table_key) if cell.table_key else {}), **extra,
+        **(calibration_values(cell.calibration, cell.table_key) if cell.table_key or cell.repair != "none"
+           else {}), **extra,
     }
 
 

@@ -72,7 +72,7 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     from ray_prune.sweep.cluster import connect, trial_resources
     from ray_prune.sweep.order import trial_cost
     from ray_prune.sweep.outcomes import record_outcomes
-    from ray_prune.sweep.profile_stage import Stage1, load_tables
+    from ray_prune.sweep.profile_stage import Stage1, load_stage1
     from ray_prune.sweep.progress import ProgressView
     from ray_prune.sweep.trial import fold_identical
     from ray_prune.sweep.tune_run import make_scheduler, run_tune
@@ -105,12 +105,16 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
         totals[c.model] = totals.get(c.model, 0) + 1
     view = ProgressView(totals, enabled=progress, costs={}, tick=stage1.drain)
 
+    said_repairs: list[bool] = []
+
     def build(model: str, profiled) -> list:
         """A model's trials, once its stage 1 ended: its cells with their layers chosen, identical ones folded."""
-        tables = load_tables(p, model)
+        tables = load_stage1(p, model)
         specs = fold_identical([_trial_spec(c, p, profiled, tables, cpus, per_model[model]["trial"])
                                 for c in p.pending if c.model == model])
-        _write_mergekit_configs(store, specs, p, say)
+        if _write_mergekit_configs(store, specs, p, say) and not said_repairs:
+            said_repairs.append(True)
+            say(NO_MERGEKIT_FOR_REPAIRS)
         folded = sum(len(s.twins) for s in specs)
         say(f"stage 2 for {model}: {len(specs)} trial(s)" + (f" ({folded} cell(s) computed by an identical "
                                                               "cell's trial)" if folded else ""))
@@ -168,38 +172,49 @@ def _gpus_per_model(p: Plan, gpus: float, say) -> dict[str, dict]:
     return out
 
 
-def _trial_spec(c, p: Plan, profiled, tables: dict, cpus: int, gpus: float):
-    """A cell's trial: its layers chosen, its shared blocks, its reference losses, whether it owns its unhealed row."""
+def _trial_spec(c, p: Plan, profiled, stage1: dict, cpus: int, gpus: float):
+    """A cell's trial: its layers chosen (from what its model's stage 1 made: ``stage1``, (kind, calibration id)
+    -> a table or a greedy order), its shared blocks, its reference losses, whether it owns its unhealed row."""
     from ray_prune.core.select import layers_to_remove
+    from ray_prune.sweep.grid import stage1_need
+    from ray_prune.sweep.plan import need_key
     from ray_prune.sweep.profile_stage import reference_key
     from ray_prune.sweep.trial import TrialSpec
 
-    from ray_prune.sweep.grid import calibration_id
-
-    which = (c.model, calibration_id(c.calibration))
-    removed = layers_to_remove(c.strategy if c.n else "deepest", c.num_layers, n=c.n, table=tables.get(which))
-    key = p.table_keys.get(which) if c.strategy == "similarity" and c.n else None
+    need = stage1_need(c)
+    made = stage1.get(need_key(need)) if need is not None else None
+    removed = layers_to_remove(c.strategy if c.n else "deepest", c.num_layers, n=c.n,
+                               table=made if need is not None and need[0] == "table" else None,
+                               order=made.order if need is not None and need[0] == "order" else None)
+    key = p.stage1_keys.get((c.model, *need_key(need))) if need is not None else None
     blocks = {}
     for need, path in profiled.blocks.items():
         if need.role == "test" or (c.heals and need.seq_len == c.heal["seq_len"]):
             blocks[need.role] = path
     return TrialSpec(
-        cell=replace(c, removed_layers=removed, table_key=key, code_version=p.code_version), storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
+        cell=replace(c, removed_layers=removed, table_key=key, code_version=p.code_version),
+        storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
         baseline_loss=profiled.baseline_loss.get(c.scored_as),
         reference_loss=profiled.heal_reference.get(reference_key(c.scored_as, c.heal.get("seq_len"),
                                                                   c.heal.get("val_sequences"))),
-        do_unhealed=p.experiment.eval.unhealed and c.owns_unhealed, blocks=blocks, gpus=gpus)
+        do_unhealed=p.experiment.eval.unhealed and c.owns_unhealed, blocks=blocks, gpus=gpus,
+        calibration_source=p.experiment.text_source(c.calibration["dataset"]))
 
 
-def _write_mergekit_configs(store, specs, p: Plan, say) -> None:
+def _write_mergekit_configs(store, specs, p: Plan, say) -> bool:
     """Each pending cell's pruning as a mergekit passthrough config (``layout.mergekit_path``), for the models
-    mergekit can prune faithfully (``core.export`` says which, and why not the others)."""
+    mergekit can prune faithfully (``core.export`` says which, and why not the others); whether some cell was
+    left out for its repair."""
     from ray_prune.core.export import mergekit_yaml
     from ray_prune.errors import UserError
     from ray_prune.ledger.layout import mergekit_path
 
     refused: dict[str, str] = {}
+    repaired = False
     for c in (cell for s in specs for cell in (s.cell, *s.twins)):
+        if c.repair != "none":
+            repaired = True  # a fold into weights is not a slicing: mergekit's passthrough cannot express it
+            continue
         if c.model in refused or not c.removed_layers:
             continue
         path = mergekit_path(c.model, c.cell_id)
@@ -212,3 +227,9 @@ def _write_mergekit_configs(store, specs, p: Plan, say) -> None:
         store.write_bytes(path, text.encode())
     for model, why in refused.items():
         say(f"no mergekit configs for {model}: {why}")
+    return repaired
+
+
+NO_MERGEKIT_FOR_REPAIRS = ("no mergekit configs for repaired cells: a linear repair changes weights, which "
+                           "mergekit's passthrough (a slicing of layers) cannot express; a repaired model saves with "
+                           "save_pretrained instead")

@@ -46,6 +46,7 @@ class TrialSpec:
     blocks: dict[str, str] = field(default_factory=dict)  # role -> stored token blocks (shared_blocks)
     gpus: float = 0.0  # what Ray gives the trial (the memory plan's GPUs for this model); > 1: model spread on them
     twins: list[Cell] = field(default_factory=list)  # cells whose every input is this cell's: they get its rows
+    calibration_source: Any = None  # where the cell's calibration text streams from (core.data.TextSource)
 
     def cells(self, stage: str) -> list[Cell]:
         """The cells that get a row of ``stage`` from this trial: the unhealed row goes to each cell that owns its
@@ -60,8 +61,10 @@ def computation_key(cell: Cell) -> str:
     numbers, so one trial serves them all."""
     from ray_prune.sweep.grid import heal_identity
 
+    repair = {"repair": cell.repair, "calibration": cell.calibration} if cell.repair != "none" else {}
     return stable_hash({"model": cell.model, "removed": list(cell.removed_layers), "heal": heal_identity(cell.heal),
-                        "seed": cell.seed, "scored": cell.scored_as, "eval": cell.eval, "dtype": cell.dtype})
+                        "seed": cell.seed, "scored": cell.scored_as, "eval": cell.eval, "dtype": cell.dtype,
+                        **repair})
 
 
 def fold_identical(specs: list[TrialSpec]) -> list[TrialSpec]:
@@ -112,17 +115,63 @@ def _ratio(loss: float | None, reference: float | None) -> float | None:
     return loss / reference if loss is not None and reference else None
 
 
-def load_pruned(cell: Cell, how: Scoring, gpus: float = 0.0):
+def load_pruned(cell: Cell, how: Scoring, gpus: float = 0.0, data_dir: str | None = None, source=None):
     """Step 1: the cell's model, loaded as it is scored (NF4 straight from the checkpoint for QLoRA cells),
-    with its layers removed in memory; (model, tokenizer, family)."""
+    with its layers removed in memory, and repaired where the cell says (``repair_pruned``); (model, tokenizer,
+    family)."""
     from ray_prune.core.architecture import family_of
     from ray_prune.core.models import load_model
     from ray_prune.core.prune import prune_layers
 
+    if cell.repair != "none":
+        return repair_pruned(cell, how, gpus, data_dir, source)
     model, tok = load_model(cell.model, dtype=how.dtype, quantize=how.quantize,
                             trust_remote_code=cell.trust_remote_code, spread=gpus > 1)
     family, _ = family_of(model)
     prune_layers(model, cell.removed_layers)
+    return model, tok, family
+
+
+def repair_form(config) -> str:
+    """The linear repair's form for a model: ReplaceMe's full d x d transform where it folds exactly into the
+    weights before the cut, else the per-channel scale (``core.repair``: the one exact fold where the MLP output
+    passes a norm before the residual, as in Gemma-2/3)."""
+    from ray_prune.core.repair import check_linear_repair
+    from ray_prune.errors import UserError
+
+    try:
+        check_linear_repair(config, "full", None)
+        return "full"
+    except UserError:
+        return "diagonal"
+
+
+def repair_pruned(cell: Cell, how: Scoring, gpus: float, data_dir: str | None, source=None):
+    """A repaired cell's model: loaded in full precision (a fold changes weights, which NF4 cannot take), pruned
+    and repaired on the cell's calibration text (``core.repair.linear_repair``), then, for a QLoRA cell, saved and
+    loaded again in NF4, as it heals and is scored."""
+    import tempfile
+
+    from ray_prune.core.architecture import family_of
+    from ray_prune.core.calibration import CalibrationConfig
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.models import load_model
+    from ray_prune.core.packing import pack_texts
+    from ray_prune.core.repair import linear_repair
+
+    model, tok = load_model(cell.model, dtype=how.dtype, quantize="none", trust_remote_code=cell.trust_remote_code,
+                            spread=gpus > 1)
+    family, _ = family_of(model)
+    cal = CalibrationConfig.from_dict(cell.calibration)
+    texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir, source=source)
+    blocks = pack_texts(texts, tok, cal.max_length, max_blocks=cal.samples)
+    linear_repair(model, cell.removed_layers, blocks, batch_size=cal.batch_size, form=repair_form(model.config))
+    if how.quantize == "nf4":
+        with tempfile.TemporaryDirectory(prefix="ray-prune-repaired-") as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            del model
+            model, tok = load_model(tmp, dtype=how.dtype, quantize="nf4")
     return model, tok, family
 
 
@@ -221,7 +270,7 @@ def run_cell(spec: TrialSpec, report: Report | None = None, resume_from: str | N
     cell, storage = spec.cell, Storage(spec.storage_uri)
     how = scoring(cell.dtype, cell.scored_as, cell.eval.get("precision", "trained"), cell.heals, default_device())
     t0 = time.perf_counter()
-    model, tok, family = load_pruned(cell, how, spec.gpus)
+    model, tok, family = load_pruned(cell, how, spec.gpus, spec.data_dir, spec.calibration_source)
     timing = {"t0": t0, "load_s": time.perf_counter() - t0}
     last: dict[str, Any] = {}
     if spec.do_unhealed:
@@ -234,7 +283,7 @@ def run_cell(spec: TrialSpec, report: Report | None = None, resume_from: str | N
         del model
         train_dtype = dtypes.to_torch(cell.dtype, default_device(), "training")
         model, tok, family = load_pruned(cell, Scoring(cell.heal["quantize"], train_dtype, how.label, how.merged),
-                                         spec.gpus)
+                                         spec.gpus, spec.data_dir, spec.calibration_source)
     resumed_from_step = checkpoint_step(resume_from)
     work = Path(tempfile.mkdtemp(prefix="ray-prune-cell-"))
     try:

@@ -96,7 +96,7 @@ def test_shared_prefix_saving_matches_the_scorers_own_tree():
     whole = run(list(range(n)))
     tt = cost.TaskTokens(questions=n, contexts=n, alone=prefix + tail, full=whole / n, clusters=groups,
                          clustered=n, scored=1, length=prefix + tail)
-    assert tt.tokens(n) == pytest.approx(whole) and tt.tokens(1) == prefix + tail
+    assert tt.tokens(n) == pytest.approx(whole) and tt.tokens(1) == pytest.approx(prefix + tail)
     for size in (5, 20, 60, 150):
         measured = sum(run(rng.sample(range(n), size)) for _ in range(200)) / 200
         assert tt.tokens(size) == pytest.approx(measured, rel=0.03), size

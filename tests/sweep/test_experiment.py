@@ -96,7 +96,7 @@ CASES = [
     ("fraction-range-empty", _with("fractions", {"start": 0.5, "stop": 0.1, "step": 0.1}), r"fraction grid is empty"),
     ("fractions-empty", _with("fractions", []), r"fraction grid is empty"),
     ("n-equals-L", _with("fractions", [0.99]), r"rounds to n=30.*leaves no layer"),
-    ("unknown-strategy", _with("strategies", ["random"]), r"strategies.0: Input should be 'similarity' or 'deepest'"),
+    ("unknown-strategy", _with("strategies", ["random"]), r"strategies.0: Input should be 'similarity', 'deepest', 'block_influence' or 'greedy'"),
     ("no-strategies", _with("strategies", []), r"strategies: List should have at least 1 item"),
     ("unknown-metric", _with("calibration.metric", "cosine"), r"calibration.metric: Input should be"),
     ("unknown-task", _with("eval.tasks", {"mmlu_pro": {}}), r"unknown task 'mmlu_pro' \(did you mean 'mmlu'\?\)"),

@@ -77,7 +77,8 @@ def test_check_of_paper_llama2_at_40gb_prints_the_adjusted_plan_then_refuses_the
     paper = str(REPO / "experiments" / "paper_llama2.yaml")
     assert main(["sweep", paper, "--check", "--gpu-memory-gb", "40", "--storage", str(tmp_path / "s")]) == 2
     captured = capsys.readouterr()
-    rows = {tuple(line.split()[:2]): line for line in captured.out.splitlines() if line.startswith("meta-llama/")}
+    memory = captured.out.split("cost plan")[0]
+    rows = {tuple(line.split()[:2]): line for line in memory.splitlines() if line.startswith("meta-llama/")}
     assert "heal: {batch_size: 2, grad_accum: 8}" in rows[("meta-llama/Llama-2-13b-hf", "heal")]
     assert "eval: {batch_size:" in rows[(LLAMA_7B, "unhealed")]
     assert "no (+" in rows[(LLAMA_70B, "heal")]

@@ -108,3 +108,29 @@ def test_a_gpu_held_by_another_process_fails_the_trial_with_a_clear_message(monk
         tune_run.wait_for_free_gpus(wait_s=0.1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (79 * 2**30, 80 * 2**30))
     tune_run.wait_for_free_gpus(wait_s=0.1)  # 1 GiB in use (a CUDA context): free enough
+
+
+def test_every_strategy_and_repair_in_one_grid(ray_local, models_dir, tmp_path):
+    """The field's methods in one grid: four ways to choose layers x no repair or the linear one, each scored
+    before and after healing; one row per cell and stage, the method in each, nothing run twice on a rerun."""
+    spec = tiny_spec([str(models_dir / "tiny-llama")], "methods", fractions=[0.5],
+                     strategies=["similarity", "deepest", "block_influence", "greedy"], repairs=["none", "linear"])
+    df = _run(spec, tmp_path / "store")
+    healed = df[df["stage"] == "healed"]
+    assert set(healed["status"]) == {"finished"} and len(healed) == 8
+    assert sorted(zip(healed["strategy"], healed["repair"])) == sorted(
+        (s, r) for s in ("similarity", "deepest", "block_influence", "greedy") for r in ("none", "linear"))
+    unhealed = df[df["stage"] == "unhealed"]
+    assert len(unhealed) == 8 and not df.duplicated(["cell_id", "stage"]).any()
+    # The linear repair changes what the pruned model computes; no repair leaves it as pruning made it.
+    for strategy, g in unhealed.groupby("strategy"):
+        losses = g.set_index("repair")["c4_loss"]
+        assert losses["linear"] != losses["none"], strategy
+    assert healed.loc[healed["repair"] == "linear", "calibration_samples"].notna().all()
+    store = tmp_path / "store"
+    assert len(list(store.glob("orders/*.json"))) == 1  # the greedy order, once per model
+    assert len(list(store.glob("tables/*.parquet"))) == 2  # angular (similarity) and block_influence
+    files = sorted((store / "results").rglob("*.parquet"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = _run(spec, store)
+    assert len(again) == len(df) and [f.stat().st_mtime_ns for f in files] == stamps
