@@ -33,6 +33,7 @@ import time
 def _predicted(arch, w, cell, stage: str, rates, exp) -> float:
     """Seconds the plan predicts for one row of ``cell``."""
     from ray_prune.core import cost
+    from ray_prune.core.calibration import CalibrationConfig
 
     kept = cell.num_layers - cell.n
     if stage == "unhealed":
@@ -42,8 +43,10 @@ def _predicted(arch, w, cell, stage: str, rates, exp) -> float:
     elif stage == "healed":
         lora = cost.adapter_params(arch, kept, cell.heal_config()) if w.scored_precision() == "nf4" else 0
         works = cost.evaluation_work(arch, kept, w.evaluation, lora=lora)
-    elif stage == "load":
+    elif stage == "load":  # load_s: the first load, and the repair fit where the cell repairs
         works = cost.load_work(arch, 1)
+        if cell.repair != "none":
+            works += cost.repair_work(arch, kept, CalibrationConfig.from_dict(cell.calibration))
     else:
         raise ValueError(stage)
     return sum(rates.seconds(x) for x in works)
@@ -54,7 +57,7 @@ def compare(storage: str, experiment: str, force: bool = False):
     plan with the probed rates)."""
     from ray_prune.core import cost
     from ray_prune.ledger.rows import load_results
-    from ray_prune.sweep.cost_plan import plan_costs
+    from ray_prune.sweep.cost_plan import plan_costs, stage1_work
     from ray_prune.sweep.experiment import load_experiment
     from ray_prune.sweep.memory_plan import workload
     from ray_prune.sweep.plan import plan
@@ -73,9 +76,11 @@ def compare(storage: str, experiment: str, force: bool = False):
         arch, rates = p.models[model].arch, costs[model].rates
         rows = df[df["model"] == model]
         base = rows[rows["stage"] == "baseline"]
-        if len(base):
-            table = cost.profile_work(arch, w)
-            out.append((model, "profile", 1, sum(rates.seconds(x) for x in table), float(base["profile_s"].iloc[0])))
+        if len(base):  # profile_s: every table and greedy order of stage 1, the load apart
+            first = [x for need in stage1_work([c for c in p.cells if c.model == model])
+                     for x in (cost.profile_work(arch, need.calibration) if need.kind == "table"
+                               else cost.greedy_work(arch, need.calibration, need.rounds))]
+            out.append((model, "profile", 1, sum(rates.seconds(x) for x in first), float(base["profile_s"].iloc[0])))
             ev = sum(rates.seconds(x) for x in cost.evaluation_work(arch, arch.layers, w.evaluation))
             out.append((model, "baseline", len(base), ev * len(base), float(base["wall_s"].sum())))
         sums: dict[str, list[float]] = {}

@@ -59,7 +59,10 @@ def _check(exp, args) -> int:
     else:
         print("no memory plan: set resources.gpu_memory_gb (or pass --gpu-memory-gb or --gpu-type) for GPU trials")
     costs = plan_costs(p, gpu, probe=args.probe)
-    print(f"cost plan ({'rates measured here' if args.probe else f'default rates of one {gpu}'}; every cell a trial):")
+    measured = [bool(c.rates.measured) for c in costs.costs]
+    rates = ("rates measured here" if all(measured) else f"default rates of one {gpu}" if not any(measured)
+             else f"rates measured here, the default rates of one {gpu} where a probe failed")
+    print(f"cost plan ({rates}; every cell a trial):")
     print(format_cost_table(costs.costs, args.price_per_gpu_hour))
     for note in costs.notes:
         print(f"note: {note}")

@@ -1,13 +1,19 @@
 """What a sweep costs before it runs: tokens, FLOPs and device-hours per model and stage, from each config alone.
 
-Nothing here loads weights. A stage's seconds are its FLOPs over a rate, per kind of work (:data:`KINDS`): ``train``
-(a heal step), ``forward`` (a no-grad forward over packed blocks: the distance table, the C4 and heal validation
-losses), ``score`` (lm-eval's questions through ``core.evaluation.loglikelihood``) and ``load`` (a checkpoint read
-and placed as the trial loads it, in parameters a second). The rates are :func:`default_rates` for a GPU type, or
-measured on the device by ``core.probe.probe``; :class:`Rates` says which is which.
+Nothing here loads weights. A stage's seconds are its FLOPs over a rate, per kind of work (:data:`KINDS`):
 
-FLOPs (the usual multiply-add = 2 FLOPs; norms, activations and softmax are not counted)
-------------------------------------------------------------------------------------------
+* ``train``: a heal step;
+* ``forward``: a no-grad forward over packed blocks in the precision rows are scored in (the C4 and heal losses);
+* ``score``: lm-eval's questions through ``core.evaluation.loglikelihood``;
+* ``table``: the distance table, the decoder without its head in the experiment's full-precision dtype (which, in a
+  QLoRA sweep, is not the precision of its other work);
+* ``load``: a checkpoint read and placed as a trial loads it, in parameters a second.
+
+The rates are :func:`default_rates` for a GPU type, or measured on a device by ``core.probe.probe``; :class:`Rates`
+says which is which.
+
+FLOPs (a multiply-add is 2 FLOPs; norms, activations and softmax are not counted)
+----------------------------------------------------------------------------------
 Per token of a model that keeps ``k`` of its blocks (:func:`forward_flops`):
 
 * block linears: 2 x k x (one block's linear weights, ``core.memory.param_count``);
@@ -30,8 +36,8 @@ Tokens
 The distance table: ``calibration.samples x max_length`` (documents padded to the batch's longest, about the cap).
 Heal: ``steps x sequences per step x seq_len`` (the ``tokens_seen`` rows record), and each validation loss
 (``steps / eval_every``, and the last step) on ``val_sequences x seq_len``. The C4 loss: ``c4_sequences x seq_len``.
-A question: :data:`TASK_TOKENS`, measured (its docstring says how); tasks without an entry use
-:func:`fallback_task_tokens`.
+A question: :data:`TASK_TOKENS`, measured (its comment says how); tasks without an entry use
+:func:`fallback_task_tokens`. Padding inside a batch is not counted.
 
 Default rates and their sources
 -------------------------------
@@ -39,14 +45,15 @@ Default rates and their sources
 * Utilisation (executed FLOPs, recompute included, over peak): derived in :func:`published_utilisation` from
   LLaMA-Factory's Llama-2-7B 4-bit QLoRA benchmark on one A100 with plain Hugging Face + bitsandbytes, the stack a
   ray-prune trial runs (``heal.loop`` measured 1.05x HF ``Trainer``): 2,415 tokens/s, LoRA rank 8 on every linear,
-  batch 4 x up to 1024 tokens, gradient checkpointing on (LLaMA-Factory's default): about 0.31 of the A100's 312
-  TFLOP/s. The same row run with Unsloth's kernels reaches 3,726 tokens/s (1.54x): a faster stack, not ray-prune's.
+  batch 4 x up to 1024 tokens, gradient checkpointing on (LLaMA-Factory's default): 0.31 of the A100's 312 TFLOP/s.
+  The same row run with Unsloth's kernels reaches 3,726 tokens/s (0.49): a faster stack, not ray-prune's.
   torchtune's Llama-3.1-405B QLoRA on 8 A100s (653 tokens/s, batch 2 x 2048 packed, compiled, activation
   checkpointing) is 0.42 of peak counting the 4N a LoRA step needs, 0.64 counting its recompute: what a compiled
   FSDP stack reaches, an upper reference, not the default.
-* ``forward`` and ``score`` use the same utilisation: a QLoRA step is three passes of the same kernels (forward,
-  backward through the frozen weights, recompute), each a bitsandbytes dequantize and a bf16 matmul per linear, at
-  batches of thousands of tokens like an evaluation's; no published forward-only figure for this stack was found.
+* ``forward``, ``score`` and ``table`` use the training step's utilisation: a QLoRA step is three passes of the same
+  kernels (forward, backward through the frozen weights, recompute), each a bitsandbytes dequantize and a bf16 matmul
+  per linear, at batches of thousands of tokens like an evaluation's; no published forward-only figure for this
+  stack was found.
 * The same utilisation on H100 and H200 (their peak is 3.2x the A100's; plain HF + bitsandbytes often uses less of
   it, so these are optimistic): ``--probe`` measures it where it matters.
 * ``load``: an assumption, 0.5 GB/s of bf16 checkpoint read and placed (NF4 quantization included): no published
@@ -62,6 +69,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.evaluation.tasks import TASKS
 from ray_prune.core.heal.config import HealConfig
@@ -69,7 +77,7 @@ from ray_prune.core.memory.arch import Arch, param_count
 from ray_prune.core.memory.terms import LM_EVAL_MAX_GEN_TOKS, Workload, lora_params
 from ray_prune.errors import UserError
 
-KINDS: tuple[str, ...] = ("train", "forward", "score", "load")
+KINDS: tuple[str, ...] = ("train", "forward", "score", "table", "load")
 HOUR = 3600.0
 
 # --------------------------------------------------------------------------- GPU types
@@ -190,18 +198,22 @@ class TaskTokens:
         return n * self.alone - saved * min(1.0, max(0.0, repeats / (size - 1)))
 
 
-# Measured once at this commit on the local data mirror: lm-eval (0.4.9) built every request of each task's whole
+# Measured once at this commit on the local data mirror: lm-eval (0.4.13) built every request of each task's whole
 # evaluation split (``build_all_requests``, the few-shot seed the harness uses, 1234), its HF wrapper tokenized them
 # with SmolLM2-135M's tokenizer, and the scorer's own tree (``loglikelihood._contexts`` and ``_clusters``) counted
-# the tokens it runs, with and without shared prefixes, and the positions it scores. Gemma-3-270M's tokenizer gives
-# within 4% of these on every task; Llama-2's 32k vocabulary (no local copy to measure) spends more tokens per
-# character than SmolLM2's 49k, so its evaluations cost somewhat more than these counts say.
+# the tokens it runs, with and without shared prefixes, and the positions it scores (GSM8K, generated: its prompts'
+# tokens). Gemma-3-270M's tokenizer gives within 4% of these on every task; Llama-2's 32k vocabulary (no local copy
+# to measure) spends more tokens per character than SmolLM2's 49k, so its evaluations cost somewhat more than these
+# counts say. ``tests/core/test_cost.py`` measures WinoGrande again the same way and compares.
 # TaskTokens(questions, contexts, alone, full, clusters, clustered, scored, length)
 TASK_TOKENS: dict[tuple[str, int], TaskTokens] = {
+    ("mmlu", 5): TaskTokens(14042, 14015, 721.65, 108.36, 57, 14015, 1.00, 723.04),
     ("mmlu", 0): TaskTokens(14042, 14015, 125.70, 106.59, 200, 13757, 1.00, 125.94),
     ("boolq", 0): TaskTokens(3270, 3270, 151.42, 136.79, 267, 637, 1.00, 151.42),
     ("arc_easy", 0): TaskTokens(2376, 2371, 40.44, 40.25, 7, 14, 14.15, 31.55),
+    ("arc_easy", 25): TaskTokens(2376, 2376, 876.91, 849.51, 529, 2339, 14.16, 867.95),
     ("arc_challenge", 0): TaskTokens(1172, 1170, 50.60, 50.55, 2, 4, 20.51, 37.17),
+    ("arc_challenge", 25): TaskTokens(1172, 1172, 1031.46, 1000.01, 273, 1151, 20.52, 1017.98),
     ("hellaswag", 0): TaskTokens(10042, 10019, 162.85, 161.95, 387, 786, 114.28, 86.34),
     ("piqa", 0): TaskTokens(1838, 1803, 56.66, 56.66, 0, 0, 44.32, 36.62),
     ("winogrande", 0): TaskTokens(1267, 2064, 36.78, 29.36, 465, 956, 10.87, 21.58),
@@ -279,12 +291,29 @@ def heal_work(arch: Arch, kept: int, heal: HealConfig) -> list[Work]:
                  f"{validations(heal)} validation losses of {heal.val_sequences} x {heal.seq_len}")]
 
 
-def profile_work(arch: Arch, workload: Workload) -> list[Work]:
-    """The distance table: the decoder without its head over the calibration documents (``core.profile``)."""
-    cal = workload.calibration
+def profile_work(arch: Arch, cal: CalibrationConfig) -> list[Work]:
+    """A distance table: the decoder without its head over the calibration documents (``core.profile``)."""
     tokens = cal.samples * cal.max_length
-    return [Work("forward", tokens, tokens * forward_flops(arch, arch.layers, cal.max_length, head=False),
+    return [Work("table", tokens, tokens * forward_flops(arch, arch.layers, cal.max_length, head=False),
                  f"distance table {cal.samples} x {cal.max_length}")]
+
+
+def greedy_work(arch: Arch, cal: CalibrationConfig, rounds: int) -> list[Work]:
+    """SLEB's greedy order (``core.greedy``) on the packed calibration blocks: a round with K blocks left runs the
+    current model once, K(K - 1)/2 blocks and K LM heads over every calibration token."""
+    tokens, T = cal.samples * cal.max_length, cal.max_length
+    per_block = 2.0 * param_count(arch).layer_linear + attention_flops(arch, 1, T)
+    flops = sum(tokens * ((K + K * (K - 1) / 2) * per_block + K * head_flops(arch))
+                for K in range(arch.layers, arch.layers - rounds, -1))
+    return [Work("table", tokens * rounds, flops, f"greedy order {rounds} rounds of {cal.samples} x {T}")]
+
+
+def repair_work(arch: Arch, kept: int, cal: CalibrationConfig) -> list[Work]:
+    """A linear repair (``core.repair``, ReplaceMe): the full model's and the pruned model's streams on the
+    packed calibration blocks (the least-squares solves are not counted)."""
+    tokens, T = cal.samples * cal.max_length, cal.max_length
+    flops = tokens * (forward_flops(arch, arch.layers, T, head=False) + forward_flops(arch, kept, T, head=False))
+    return [Work("table", tokens * 2, flops, f"repair fit {cal.samples} x {T}")]
 
 
 def reference_work(arch: Arch, workload: Workload) -> list[Work]:
@@ -386,8 +415,8 @@ def default_rates(gpu: str = DEFAULT_GPU) -> Rates:
                f"utilisation of {DEFAULT_RUN.tokens_per_s:,.0f} tokens/s in {DEFAULT_RUN.name} on one A100 "
                f"({DEFAULT_RUN.source.split(' (')[0]}); forward-only work assumed at the training step's utilisation")
     rates = {"train": u * g.peak_flops, "forward": u * g.peak_flops, "score": u * g.peak_flops,
-             "load": LOAD_BYTES_PER_S / 2}
-    sources = {"train": derived, "forward": derived, "score": derived,
+             "table": u * g.peak_flops, "load": LOAD_BYTES_PER_S / 2}
+    sources = {"train": derived, "forward": derived, "score": derived, "table": derived,
                "load": f"default: assumed {LOAD_BYTES_PER_S / 1e9:g} GB/s of bf16 checkpoint (no published figure)"}
     return Rates(gpu, rates, sources)
 
@@ -402,7 +431,19 @@ class TrialWork:
     kept: int  # blocks the pruned model keeps
     heal: HealConfig | None  # None: the cell does not heal
     unhealed: bool | str = False  # True: every task before healing; "loss": the C4 loss only; False: no unhealed row
-    loads: int = 1  # 2 where the cell heals in another precision than it is scored in (trial.run_cell loads twice)
+    loads: int = 1  # checkpoint loads: another where it heals in another precision than it is scored in, and where
+    # a repaired QLoRA cell reloads its repaired model in NF4
+    repair: CalibrationConfig | None = None  # the calibration a linear repair fits on, None without a repair
+
+
+@dataclass(frozen=True)
+class Stage1Work:
+    """One thing a model's profile actor computes for its cells (``sweep.profile_stage``): a distance table or a
+    greedy removal order on one calibration setting."""
+
+    kind: str  # "table" or "order"
+    calibration: CalibrationConfig
+    rounds: int = 0  # a greedy order's rounds: the largest n of its cells
 
 
 @dataclass(frozen=True)
@@ -467,20 +508,25 @@ def _summed(parts: Sequence[Sequence[Work]]) -> tuple[Work, ...]:
 
 
 def model_cost(model: str, arch: Arch, workload: Workload, trials: Sequence[TrialWork], rates: Rates,
-               profile_gpus: int = 1, trial_gpus: int = 1, table: bool = True, precisions: int = 1) -> ModelCost:
-    """The cost of one model's cells. Its profile actor (``sweep.profile_stage``) loads the model for the distance
-    table (``table``) and once per scoring precision (``precisions``), each time computing the reference losses and
-    the baseline row; then each trial loads the model (:class:`TrialWork`'s ``loads``), evaluates it unhealed if it
-    owns that row, heals it and evaluates it healed."""
-    actor = int(table) + precisions
-    stages = [StageCost("profile", 1, tuple((profile_work(arch, workload) if table else []) + load_work(arch, actor)),
-                        profile_gpus),
+               profile_gpus: int = 1, trial_gpus: int = 1, stage1: Sequence[Stage1Work] = (),
+               precisions: int = 1) -> ModelCost:
+    """The cost of one model's cells. Its profile actor (``sweep.profile_stage``) loads the model once for its
+    ``stage1`` work (distance tables, greedy orders) and once per scoring precision (``precisions``), each time
+    computing the reference losses and the baseline row; then each trial loads the model (:class:`TrialWork`'s
+    ``loads``, with its repair), evaluates it unhealed if it owns that row, heals it and evaluates it healed."""
+    actor = int(bool(stage1)) + precisions
+    first: list[Work] = []
+    for need in stage1:
+        first += profile_work(arch, need.calibration) if need.kind == "table" else \
+            greedy_work(arch, need.calibration, need.rounds)
+    stages = [StageCost("profile", 1, _summed([first, load_work(arch, actor)]), profile_gpus),
               StageCost("baseline", precisions, _summed(
                   [evaluation_work(arch, arch.layers, workload.evaluation) + reference_work(arch, workload)
                    for _ in range(precisions)]), profile_gpus)]
-    if trials:
-        stages.append(StageCost("load", sum(t.loads for t in trials),
-                                _summed([load_work(arch, t.loads) for t in trials]), trial_gpus))
+    if trials:  # a trial's load_s: the loads, and the repair fit where the cell repairs
+        stages.append(StageCost("load", sum(t.loads for t in trials), _summed(
+            [load_work(arch, t.loads) + (repair_work(arch, t.kept, t.repair) if t.repair else []) for t in trials]),
+            trial_gpus))
     unhealed = [t for t in trials if t.unhealed]
     if unhealed:
         stages.append(StageCost("unhealed", len(unhealed), _summed(
@@ -509,6 +555,10 @@ def _si(value: float, unit: str = "") -> str:
     return f"{value:.3g}{space}{unit}"
 
 
+def _hours(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def format_cost_table(costs: Sequence[ModelCost], price_per_gpu_hour: float | None = None) -> str:
     """One row per model and stage: runs, tokens, FLOPs, GPUs, device-hours and whether its rates are measured or
     defaults; a total per model and for the sweep, priced when a price per GPU-hour is given; then the rates."""
@@ -516,16 +566,16 @@ def format_cost_table(costs: Sequence[ModelCost], price_per_gpu_hour: float | No
     for c in costs:
         for s in c.stages:
             rows.append((c.model, s.stage, str(s.runs), _si(s.tokens) if s.tokens else "-",
-                         _si(s.flops) if s.flops else "-", str(s.gpus), f"{s.device_hours(c.rates):.3g}",
+                         _si(s.flops) if s.flops else "-", str(s.gpus), _hours(s.device_hours(c.rates)),
                          c.rates.source(s.kinds)))
-        rows.append((c.model, "total", str(c.cells) + " cells", "", "", "", f"{c.device_hours:.4g}", ""))
+        rows.append((c.model, "total", str(c.cells) + " cells", "", "", "", _hours(c.device_hours), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(widths[i]) if i in (0, 1, 7) else v.rjust(widths[i]) for i, v in enumerate(r))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     total = sum(c.device_hours for c in costs)
     devices = sorted({c.rates.device for c in costs})
-    line = f"sweep total: {total:.4g} device-hours on {', '.join(devices)}"
+    line = f"sweep total: {_hours(total)} device-hours on {', '.join(devices)}"
     if price_per_gpu_hour is not None:
         line += f", {price_per_gpu_hour * total:,.0f} at {price_per_gpu_hour:g} per GPU-hour"
     lines.append(line)

@@ -2,9 +2,10 @@
 
 :func:`probe` loads the model as a sweep trial loads it (the scoring precision, ``core.memory.Workload.
 scored_precision``), times the load, a forward over packed blocks at the evaluation's shape (``forward``: the C4
-and heal losses, the distance table), the continuation scorer on questions shaped like the experiment's
-(``score``: random contexts of the tasks' mean length, four one-token answers, ``core.evaluation.loglikelihood``),
-and heal steps at the heal micro-batch through ``core.heal.loop.heal`` itself (``train``), and turns each into the
+and heal losses), the continuation scorer on questions shaped like the experiment's (``score``: random contexts of
+the tasks' mean length, four one-token answers, ``core.evaluation.loglikelihood``), the decoder without its head in
+the experiment's full-precision dtype at the calibration shape (``table``: the distance table), and heal steps at
+the heal micro-batch through ``core.heal.loop.heal`` itself (``train``), and turns each into the
 rate ``core.cost`` prices with: FLOPs (counted by ``core.cost``) over seconds, parameters over seconds for the load.
 Token ids are random, so it needs no data, only the weights.
 
@@ -29,9 +30,10 @@ from typing import Any
 from ray_prune.core.memory.terms import Workload
 
 PROBE_DIR = "probes"  # under core.bundled.cache_dir()
-SLICE_S = 3.0  # seconds each measurement aims for, after its short untimed and estimating passes
+SLICE_S = 2.0  # seconds each timed pass aims for, after a short untimed and a short estimating pass
+REPEATS = 2  # timed passes of each measurement: the fastest counts (a shared machine's interference only slows)
 MIN_TOKENS = 64  # the shortest row a measurement shortens a sequence to on a slow device
-HEAL_STEPS = 2  # the first is not timed
+HEAL_STEPS = 3  # the first is not timed; the fastest of the others counts
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,8 @@ def _timed(run, flops, rows_wanted: int, length: int) -> tuple[float, int, int, 
     """(FLOP/s, rows, tokens per row, seconds) of ``run(rows, length)``: a short untimed pass (allocations, kernel
     choice), a short timed one that estimates the speed, then the measurement, as many rows (up to
     ``rows_wanted``: a few batches, so that a GPU's timing is more than a kernel launch) as fit about
-    :data:`SLICE_S` seconds, each row shortened (not below :data:`MIN_TOKENS`) where one full row would not fit.
-    ``flops(rows, length)`` counts the work of a call."""
+    :data:`SLICE_S` seconds, each row shortened (not below :data:`MIN_TOKENS`) where one full row would not fit,
+    :data:`REPEATS` times, the fastest counted. ``flops(rows, length)`` counts the work of a call."""
     short = min(length, MIN_TOKENS)
     run(1, min(short, 16))
     t = time.perf_counter()
@@ -111,16 +113,34 @@ def _timed(run, flops, rows_wanted: int, length: int) -> tuple[float, int, int, 
     budget = int(SLICE_S / per_token)
     rows = max(1, min(rows_wanted, budget // length))
     length = min(length, max(short, budget))
-    t = time.perf_counter()
-    run(rows, length)
-    seconds = max(time.perf_counter() - t, 1e-9)
+    seconds = float("inf")
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        run(rows, length)
+        seconds = min(seconds, max(time.perf_counter() - t, 1e-9))
     return flops(rows, length) / seconds, rows, length, seconds
 
 
+def weights_here(model: str) -> bool:
+    """Whether ``model``'s weights are on this machine: a bundled name or a local directory, or a hub id whose
+    safetensors the Hugging Face cache holds."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from ray_prune.core.bundled import BUNDLED
+    from ray_prune.core.model_configs import model_dir
+
+    if model in BUNDLED or model_dir(model) is not None:
+        return True
+    return any(isinstance(try_to_load_from_cache(model, name), str)
+               for name in ("model.safetensors.index.json", "model.safetensors"))
+
+
 def probe(model: str, workload: Workload, device: Any = None, trust_remote_code: bool = False,
-          force: bool = False, use_cache: bool = True) -> Probe:
+          force: bool = False, use_cache: bool = True, download: bool = False) -> Probe:
     """Measure (or read from the cache) the rates of ``model`` on ``device`` (None: the default device) for the
-    kinds of work ``workload`` asks for, as a sweep trial runs them (module docstring)."""
+    kinds of work ``workload`` asks for, as a sweep trial runs them (module docstring). ``download``: fetch weights
+    that are not on this machine (a cluster node that will run the trials anyway); without it such a model is
+    refused, so that a laptop's ``--check --probe`` never starts a 140 GB download."""
     import torch
 
     from ray_prune.core import cost
@@ -133,6 +153,11 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
         hit = cached(model, workload, dev)
         if hit is not None:
             return hit
+    if not download and not weights_here(model):
+        from ray_prune.errors import UserError
+
+        raise UserError(f"the weights of {model} are not on this machine, and a probe measures them",
+                        "probe where the trials run (or download them first); the plan uses the default rates")
     scored, heal_quantize, dtype = precision_of(workload, dev)
     name, precision = device_name(dev), _precision_key(scored, heal_quantize, dtype)
     rates: dict[str, float] = {}
@@ -177,6 +202,8 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
             4 * ev.batch_size, L)
         how["score"] = f"{rows} questions of {n} tokens, 4 one-token answers, in {s:.2f} s"
 
+    rates["table"], how["table"] = _table_rate(net, model, workload, dev, scored, rates["forward"], how["forward"],
+                                               trust_remote_code)
     if workload.heals:
         rates["train"], how["train"] = _train_rate(net, tok, model, workload, dev, dtype, scored, rates["forward"],
                                                    trust_remote_code)
@@ -201,11 +228,45 @@ def _imports(quantize: str) -> None:
         import bitsandbytes  # noqa: F401
 
 
+def _table_rate(net, model: str, workload: Workload, dev, scored: str, forward_rate: float, forward_how: str,
+                trust_remote_code: bool) -> tuple[float, str]:
+    """The distance table's forward (the decoder without its head, ``core.architecture.decoder``) in the experiment's
+    inference dtype at the calibration shape: on the scoring model where that is the same full-precision model, else
+    on the model loaded again in full precision, where its weights fit the device (else the forward rate, said so)."""
+    import torch
+
+    from ray_prune.core import cost, dtypes
+    from ray_prune.core.architecture import decoder
+    from ray_prune.core.memory.arch import Arch, param_count
+    from ray_prune.core.models import load_model
+
+    dtype = dtypes.to_torch(workload.dtype, dev, "inference")
+    if scored != "none" or next(net.parameters()).dtype != dtype:
+        need = param_count(Arch.from_config(net.config)).total() * torch.finfo(dtype).bits // 8
+        if dev.type == "cuda" and need > 0.8 * torch.cuda.mem_get_info(dev)[0]:
+            return forward_rate, f"as forward (the full-precision model does not fit the device): {forward_how}"
+        net, _ = load_model(model, dtype=dtypes.short_name(dtype), device=dev, trust_remote_code=trust_remote_code)
+    arch = Arch.from_config(net.config)
+    body, cal = decoder(net), workload.calibration
+    vocab = int(net.config.vocab_size)
+    gen = torch.Generator().manual_seed(2)
+
+    @torch.no_grad()
+    def run(rows: int, n: int) -> None:
+        body(input_ids=torch.randint(0, vocab, (rows, n), generator=gen).to(dev), use_cache=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    rate, rows, n, s = _timed(run, lambda r, n: r * n * cost.forward_flops(arch, arch.layers, n, head=False),
+                              4 * cal.batch_size, cal.max_length)
+    return rate, f"decoder without its head in {dtypes.short_name(dtype)}, {rows} x {n} tokens in {s:.2f} s"
+
+
 def _train_rate(net, tok, model: str, workload: Workload, dev, dtype: str, scored: str, forward_rate: float,
                 trust_remote_code: bool) -> tuple[float, str]:
     """Heal steps through ``heal.loop.heal`` at the heal micro-batch (fewer rows where a step would take more than a
-    few seconds): the seconds between the first step's report and the last's, less their validation losses (one
-    block each, priced at the measured forward rate)."""
+    few seconds): the fastest step after the first, timed between two reports, less its validation loss (one block,
+    priced at the measured forward rate)."""
     import torch
 
     from ray_prune.core import cost
@@ -232,7 +293,7 @@ def _train_rate(net, tok, model: str, workload: Workload, dev, dtype: str, score
     val = torch.randint(0, vocab, (1, T), generator=gen)
     _, reports = heal(prepare_for_healing(net, config, device=dev), tok, config, train_blocks=train, val_blocks=val,
                       progress=False)
-    steps = len(reports) - 1
     val_s = T * cost.forward_flops(arch, arch.layers, T) / forward_rate
-    seconds = max(reports[-1].elapsed_s - reports[0].elapsed_s - steps * val_s, 1e-9)
-    return steps * rows * per_row / seconds, f"{steps} heal steps of {rows} x {T} tokens in {seconds:.2f} s"
+    seconds = max(min(b.elapsed_s - a.elapsed_s for a, b in zip(reports, reports[1:])) - val_s, 1e-9)
+    return rows * per_row / seconds, f"the fastest of {len(reports) - 1} heal steps of {rows} x {T} tokens, " \
+        f"{seconds:.2f} s"

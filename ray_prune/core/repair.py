@@ -23,12 +23,6 @@ Choices, each where ReplaceMe leaves a gap:
 - The normal equations m^T m and m^T r are summed in fp64 over every token of
   packed calibration blocks (no padding exists to leave out; ReplaceMe sums
   over its padding too).
-- ``skip_sink`` leaves each block's first position out of the fit. Every
-  packed block starts a sequence there, the token where models grow their
-  attention-sink "massive activations"; when one grows inside the removed run,
-  its error dwarfs every other token's and the fit spends T on it
-  (``benchmarks/repair_cost.py`` measures both ways). ReplaceMe fits every
-  position, so that is the default.
 - The solve adds a ridge that pulls T toward the identity,
   (m^T m + lam I) T = m^T r + lam I with lam = ridge * trace(m^T m) / d. T = I
   is plain removal, so a direction the calibration never excites keeps the MLP
@@ -100,15 +94,14 @@ class LinearRepair:
 
     form: str
     ridge: float
-    skip_sink: bool
     tokens: int  # calibration tokens each fit summed over
     runs: list[RunFit]
     seconds: float
 
     def to_dict(self) -> dict:
         """JSON-able: the transforms are left out."""
-        return {"method": "linear", "form": self.form, "ridge": self.ridge, "skip_sink": self.skip_sink,
-                "tokens": self.tokens, "seconds": self.seconds,
+        return {"method": "linear", "form": self.form, "ridge": self.ridge, "tokens": self.tokens,
+                "seconds": self.seconds,
                 "runs": [{k: getattr(r, k) for k in ("start", "end", "fold", "plain_error", "fit_error")}
                          for r in self.runs]}
 
@@ -181,35 +174,52 @@ def _check_weights(module: nn.Module, path: str) -> None:
 
 
 class _Normal:
-    """Running fp64 sums of the least-squares problem m T ~ r."""
+    """Running fp64 sums of the least-squares problem m T ~ r: m^T m, m^T r and r . r, or only the diagonals of
+    the first two where T is diagonal (each channel its own problem)."""
 
-    def __init__(self, d: int, device: torch.device) -> None:
-        self.mm = torch.zeros(d, d, dtype=torch.float64, device=device)
-        self.mr = torch.zeros(d, d, dtype=torch.float64, device=device)
+    def __init__(self, d: int, device: torch.device, diagonal: bool) -> None:
+        shape = (d,) if diagonal else (d, d)
+        self.diagonal = diagonal
+        self.mm = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.mr = torch.zeros(shape, dtype=torch.float64, device=device)
         self.rr = 0.0
         self.tokens = 0
 
     def add(self, m: torch.Tensor, r: torch.Tensor) -> None:
         m = m.reshape(-1, m.shape[-1]).to(self.mm.device, torch.float64)
         r = r.reshape(-1, r.shape[-1]).to(self.mm.device, torch.float64)
-        self.mm += m.T @ m
-        self.mr += m.T @ r
+        if self.diagonal:
+            self.mm += (m * m).sum(0)
+            self.mr += (m * r).sum(0)
+        else:
+            self.mm += m.T @ m
+            self.mr += m.T @ r
         self.rr += float((r * r).sum())
         self.tokens += m.shape[0]
 
-    def solve(self, form: str, ridge: float) -> torch.Tensor:
+    def solve(self, ridge: float) -> torch.Tensor:
+        """T (d x d), or the diagonal t (d,)."""
         d = self.mm.shape[0]
-        lam = ridge * float(torch.trace(self.mm)) / d
-        if form == "diagonal":
-            return (torch.diagonal(self.mr) + lam) / (torch.diagonal(self.mm) + lam)
+        diag_mm = self.mm if self.diagonal else torch.diagonal(self.mm)
+        lam = ridge * float(diag_mm.sum()) / d
+        if self.diagonal:
+            return (self.mr + lam) / (self.mm + lam)
         eye = torch.eye(d, dtype=torch.float64, device=self.mm.device)
         return torch.linalg.solve(self.mm + lam * eye, self.mr + lam * eye)
 
     def error(self, T: torch.Tensor) -> float:
         """Mean over tokens of ||m T - r||^2, from the sums alone."""
-        full = torch.diag(T) if T.ndim == 1 else T
-        sq = torch.trace(full.T @ self.mm @ full) - 2 * torch.trace(full.T @ self.mr) + self.rr
+        if self.diagonal:
+            sq = (T * T * self.mm).sum() - 2 * (T * self.mr).sum() + self.rr
+        else:
+            sq = torch.trace(T.T @ self.mm @ T) - 2 * torch.trace(T.T @ self.mr) + self.rr
         return float(sq) / self.tokens
+
+    def identity(self) -> torch.Tensor:
+        """The T of plain removal."""
+        d = self.mm.shape[0]
+        return torch.ones(d, dtype=torch.float64, device=self.mm.device) if self.diagonal else torch.eye(
+            d, dtype=torch.float64, device=self.mm.device)
 
 
 def _fold(module: nn.Module, kind: str, T: torch.Tensor) -> None:
@@ -240,7 +250,6 @@ def linear_repair(
     batch_size: int = 8,
     form: Form = "full",
     ridge: float = DEFAULT_RIDGE,
-    skip_sink: bool = False,
 ) -> LinearRepair:
     """Remove the blocks ``remove`` (indices of ``model``) with ``prune.prune_layers`` and fold a least-squares
     linear stand-in for each contiguous run into the weights before it, in place; the fits use packed calibration
@@ -249,9 +258,8 @@ def linear_repair(
     (``LinearRepair.to_dict``), ``config.layer_pruning`` which layers went.
 
     ``form``: ``full`` (ReplaceMe's d x d T) or ``diagonal`` (a per-channel scale; the one exact fold for
-    Gemma-2/3). ``ridge``: the solve's pull toward T = I, relative to trace(m^T m) / d. ``skip_sink``: leave each
-    block's first position out of the fit. Everything that can be refused is refused before any weight changes
-    (:func:`check_linear_repair`; 4-bit or offloaded weights).
+    Gemma-2/3). ``ridge``: the solve's pull toward T = I, relative to trace(m^T m) / d. Everything that can be
+    refused is refused before any weight changes (:func:`check_linear_repair`; 4-bit or offloaded weights).
 
     Runs under ``torch.no_grad``, not ``inference_mode``: the new weights must be ordinary tensors that a later
     heal can train around.
@@ -274,7 +282,6 @@ def linear_repair(
     model.eval()
     fits: list[RunFit] = []
     tokens = 0
-    skip = 1 if skip_sink else 0
     try:
         batches = record(model, blocks, batch_size) if runs else []
         # Targets x^e of every run, and the stream entering block i-1 of the first run, from the full model.
@@ -295,10 +302,10 @@ def linear_repair(
         for (start, end), (path, module, kind) in zip(runs, sites):
             for l in range(position, start - 1):  # kept blocks between the previous run and this one
                 hidden = [b.run(layers, l, h) for b, h in zip(batches, hidden)]
-            normal = _Normal(batches[0].x0.shape[-1], batches[0].x0.device)
+            normal = _Normal(batches[0].x0.shape[-1], batches[0].x0.device, diagonal=form == "diagonal")
             if start == 0:
                 for x0, target in zip(hidden, targets[end]):
-                    normal.add(x0[:, skip:], target[:, skip:])  # x^i = m = x^0, y = 0
+                    normal.add(x0, target)  # x^i = m = x^0, y = 0
             else:
                 captured: list[torch.Tensor] = []  # m of the batch running, from a hook on the fold site
                 handle = module.register_forward_hook(lambda mod, args, out, sink=captured: sink.append(out))
@@ -307,12 +314,11 @@ def linear_repair(
                         captured.clear()
                         x = b.run(layers, start - 1, h)
                         m = captured[0]
-                        normal.add(m[:, skip:], (target.to(x.device) - x + m)[:, skip:])
+                        normal.add(m, target.to(x.device) - x + m)
                 finally:
                     handle.remove()
-            T = normal.solve(form, ridge)
-            identity = torch.ones_like(T) if T.ndim == 1 else torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
-            fits.append(RunFit(start, end, path, normal.error(identity), normal.error(T), T.cpu()))
+            T = normal.solve(ridge)
+            fits.append(RunFit(start, end, path, normal.error(normal.identity()), normal.error(T), T.cpu()))
             _fold(module, kind, T)
             if start == 0:
                 batches = record(model, blocks, batch_size)  # x^0 through the new embedding
@@ -325,7 +331,7 @@ def linear_repair(
     finally:
         model.train(was_training)
     prune_layers(model, drop)
-    report = LinearRepair(form=form, ridge=float(ridge), skip_sink=bool(skip_sink), tokens=int(tokens), runs=fits,
+    report = LinearRepair(form=form, ridge=float(ridge), tokens=int(tokens), runs=fits,
                           seconds=round(time.perf_counter() - t0, 3))
     model.config.layer_repair = report.to_dict()
     return report

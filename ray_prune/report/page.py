@@ -28,6 +28,7 @@ SECTIONS = {  # figure section (its heading is in the template) -> what it says 
     "metrics": "No QA task results yet.",
     "loss": "No C4 loss results yet.",
     "heal": "No heal curves yet.",
+    "methods": "",  # shown only where the sweep compares more than the paper's two methods
 }
 
 
@@ -153,7 +154,8 @@ def render(*, title: str, uri: str, n_rows: int, has_record: bool, remote: Seque
            foreign: Sequence[str],
            figures: Sequence[tuple[str, str, str]], status: pd.DataFrame, missing: pd.DataFrame,
            safe: pd.DataFrame, cost: pd.DataFrame, labels: Mapping[str, str], sizes: Mapping[str, int] | None = None,
-           provenance: ProvenanceCheck, threshold: int = 100) -> str:
+           provenance: ProvenanceCheck, threshold: int = 100, methods: pd.DataFrame | None = None,
+           calibrations: pd.DataFrame | None = None) -> str:
     """The whole page. ``figures``: (section, file name, caption HTML) in the order they are shown;
     ``provenance``: what the rows were computed with (:func:`~ray_prune.report.status.check_provenance`)."""
     hours = {c: _fmt_hours for c in ("gpu_hours", "cpu_hours")}
@@ -167,4 +169,8 @@ def render(*, title: str, uri: str, n_rows: int, has_record: bool, remote: Seque
         missing_table=_html_table(missing.drop(columns=["seed"]), labels=labels),
         safe_table=_html_table(_safe_display(safe), labels=labels),
         cost_table=_html_table(cost, hours, labels),
+        methods_table=_html_table(methods, labels=labels) if methods is not None and len(methods) else
+        "<p class='empty'>One method per cell (the paper's): nothing to compare.</p>",
+        calibration_table=_html_table(calibrations, labels=labels) if calibrations is not None and len(calibrations)
+        else "<p class='empty'>One calibration setting per model.</p>",
         **{section: _figures(section, figures) for section in SECTIONS})

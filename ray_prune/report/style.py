@@ -28,8 +28,10 @@ STYLE: dict[str, Any] = {
 DPI = 130
 # Okabe-Ito: distinguishable with every common colour-vision deficiency, and in greyscale by line style.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999933")
-STRATEGY_LINE = {"similarity": "-", "deepest": "--", "layers": ":"}
-STRATEGY_MARKER = {"similarity": "o", "deepest": "s", "layers": "^"}
+STRATEGY_LINE = {"similarity": "-", "deepest": "--", "block_influence": "-.", "greedy": (0, (5, 1, 1, 1, 1, 1)),
+                 "layers": ":"}
+STRATEGY_MARKER = {"similarity": "o", "deepest": "s", "block_influence": "v", "greedy": "P", "layers": "^"}
+REPAIRED_LINE = ":"  # a method with a training-free repair ("greedy + linear"): its strategy's marker, dotted
 REFERENCE_COLOR = "#555555"
 
 
@@ -50,12 +52,15 @@ def new_axes(ax, figsize=(8.0, 4.8)):
     return ax
 
 
-def strategy_line(strategy: str) -> str:
+def strategy_line(strategy: str):
+    """A method's line: its strategy's, dotted where a repair follows the pruning (``similarity + linear``)."""
+    if " + " in strategy:
+        return REPAIRED_LINE
     return STRATEGY_LINE.get(strategy, ":")
 
 
 def strategy_marker(strategy: str) -> str:
-    return STRATEGY_MARKER.get(strategy, "^")
+    return STRATEGY_MARKER.get(strategy.split(" + ")[0], "^")
 
 
 def short_name(model: str) -> str:

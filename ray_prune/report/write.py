@@ -23,15 +23,17 @@ from ray_prune.report.figures.heal_curves import heal_layout, plot_heal_curves
 from ray_prune.report.figures.lstar import plot_lstar
 from ray_prune.report.figures.scores import loss_layout, plot_loss, plot_metric
 from ray_prune.report.frames import available_metrics, has_values, metric_label
+from ray_prune.report.compare import method_comparison, method_label, plot_quality_cost
 from ray_prune.report.page import is_report, render
 from ray_prune.report.status import MEASUREMENT_QUESTIONS, check_provenance, task_sizes
 from ray_prune.report.style import DPI, model_colors, model_labels, short_name, style_context
-from ray_prune.report.tables import cost_table, safe_fractions
+from ray_prune.report.tables import calibration_differences, cost_table, safe_fractions
 
 # Every file a report writes: a rerun into the same folder removes them first, so none goes stale.
-FIGURE_FILES = ("distance_*.png", "metric_*.png", "lstar.png", "loss.png", "heal_curves.png")
+FIGURE_FILES = ("distance_*.png", "metric_*.png", "lstar.png", "loss.png", "heal_curves.png", "quality_cost.png")
 CSV_FILES = ("cell_status.csv", "missing_cells.csv", "safe_fractions.csv", "cost.csv", "results.csv",
              "provenance.csv")
+EXTRA_CSV_FILES = ("methods.csv", "calibration_layers.csv")  # written beside them (a rerun removes them too)
 
 
 def _clean_previous(out: Path) -> None:
@@ -39,7 +41,7 @@ def _clean_previous(out: Path) -> None:
     index = out / "index.html"
     if not index.is_file() or not is_report(index.read_text(errors="ignore")[:2000]):
         return
-    for pattern in FIGURE_FILES + CSV_FILES:
+    for pattern in FIGURE_FILES + CSV_FILES + EXTRA_CSV_FILES:
         for p in out.glob(pattern):
             if p.is_file():
                 p.unlink()
@@ -146,6 +148,7 @@ def write_report(storage: str, out: str | None = None) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # corrupt files are listed in the report instead
         df = load_results(store.uri)
+    df = with_methods(df)  # a strategy followed by a repair reads, and is drawn, as its own method
     expected = expected_cells(record)
     tables = load_tables(store)
     models = sorted(set(df["model"]) | set(tables) | (set(expected["model"]) if expected is not None else set()))
@@ -159,6 +162,9 @@ def write_report(storage: str, out: str | None = None) -> Path:
     csvs = dict(zip(CSV_FILES, (cell_status(df, expected, tables), missing_cells(df, expected),
                                 safe_fractions(df, metrics=metrics, expected=expected), cost_table(df),
                                 _csv_frame(df), provenance.table)))
+    methods = _methods(figs, df, store, colors)
+    calibrations = calibration_differences(tables)
+    csvs["methods.csv"], csvs["calibration_layers.csv"] = methods, calibrations
     for name, frame in csvs.items():
         frame.to_csv(out_dir / name, index=False)
     doc = render(title=record["name"] if record else Path(store.root).name, uri=store.uri, n_rows=len(df),
@@ -167,8 +173,44 @@ def write_report(storage: str, out: str | None = None) -> Path:
                  figures=figs.files,
                  status=csvs["cell_status.csv"], missing=csvs["missing_cells.csv"],
                  safe=csvs["safe_fractions.csv"], cost=csvs["cost.csv"], labels=labels, sizes=task_sizes(df),
-                 threshold=MEASUREMENT_QUESTIONS, provenance=provenance)
+                 threshold=MEASUREMENT_QUESTIONS, provenance=provenance,
+                 methods=methods if len(methods) and methods["method"].nunique() > 1 else None,
+                 calibrations=calibrations)
     return write_text(out_dir / "index.html", doc)
+
+
+def with_methods(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose pruning a repair followed carry the method (``similarity + linear``) as their strategy, so every
+    figure and table draws them as a method of their own."""
+    if "repair" not in df.columns or not (df["repair"].fillna("none") != "none").any():
+        return df
+    out = df.copy()
+    out["strategy"] = [method_label(s, r) for s, r in zip(out["strategy"], out["repair"])]
+    return out
+
+
+def _methods(figs: _Figures, df: pd.DataFrame, store: Storage, colors: Mapping[str, str]) -> pd.DataFrame:
+    """The methods table (``compare.method_comparison``, paired on the stored per-question outputs) and, where it
+    compares more than one method, the quality-against-cost figure."""
+    from ray_prune.ledger.questions import load_questions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        questions = load_questions(store.uri)
+    base = df.copy()
+    if "repair" in base.columns:  # the comparison reads strategy and repair apart
+        base["strategy"] = base["strategy"].astype(str).str.split(" + ", regex=False).str[0]
+    table = method_comparison(base, questions)
+    columns = ["model", "n", "fraction_removed", "method", "stage", "c4_loss_norm", "cost_s"]
+    if table.empty:
+        return pd.DataFrame(columns=columns)
+    if table["method"].nunique() > 1:
+        figs.add("methods", "quality_cost.png",
+                 "Quality against cost: every (model, fraction, method, stage) row as a point; x = its measured cost "
+                 "(log scale), y = its C4 loss / ln V (lower is better). Filled: healed; hollow: before healing. The "
+                 "label is the fraction removed.",
+                 lambda fig: plot_quality_cost(table, ax=fig.subplots(), colors=colors), figsize=(9.0, 5.2))
+    return table
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -2,7 +2,8 @@
 rates, for ``ray-prune sweep --check``.
 
 Cells are the plan's (``grid.expand``): fraction 0 is one cell shared by the strategies, and one cell per pruned
-model owns its unhealed row (``eval.unhealed: loss`` scores only the C4 loss there). Every cell is counted as a trial
+model owns its unhealed row (``eval.unhealed: loss`` scores only the C4 loss there). Stage 1 computes each distance
+table and greedy order the cells need once (``grid.stage1_need``). Every cell is counted as a trial
 of its own, although a sweep folds cells whose layers turn out identical (the same blocks chosen by two strategies)
 into one trial: that is known only once the distance table exists, so the plan is an upper bound there. A model's
 trials hold the GPUs its memory plan gives them (one where there is no memory plan), for all their stages, and run
@@ -15,8 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ray_prune.core.cost import DEFAULT_GPU, ModelCost, Rates, TrialWork, default_rates, gpu_type_for, model_cost
-from ray_prune.core.memory import adjust_heal, apply_adjustments
+from ray_prune.core.calibration import CalibrationConfig
+from ray_prune.core.cost import (
+    DEFAULT_GPU,
+    ModelCost,
+    Rates,
+    Stage1Work,
+    TrialWork,
+    default_rates,
+    gpu_type_for,
+    model_cost,
+)
+from ray_prune.core.memory import Workload, adjust_heal, apply_adjustments
 from ray_prune.sweep.experiment import Experiment
 from ray_prune.sweep.grid import Cell
 from ray_prune.sweep.memory_plan import workload
@@ -27,12 +38,30 @@ if TYPE_CHECKING:
 
 def trial_work(exp: Experiment, cell: Cell, heal_adjustments: Mapping[str, Any] | None = None) -> TrialWork:
     """What ``trial.run_cell`` does for ``cell``: its kept blocks, its heal (with the memory plan's heal adjustments:
-    gradient checkpointing recomputes), its unhealed row if it owns one, and a second load where it heals in another
-    precision than it is scored in."""
+    gradient checkpointing recomputes), its unhealed row if it owns one, its repair, and its loads: another where it
+    heals in another precision than it is scored in, and where a repaired NF4 cell reloads its repaired model."""
     unhealed = exp.eval.unhealed if cell.owns_unhealed else False
     heal = adjust_heal(cell.heal_config(), heal_adjustments or {}) if cell.heals else None
-    loads = 2 if heal is not None and cell.scored_as != heal.quantize else 1
-    return TrialWork(kept=cell.num_layers - cell.n, heal=heal, unhealed=unhealed, loads=loads)
+    repaired = cell.repair != "none"
+    loads = 1 + int(heal is not None and cell.scored_as != heal.quantize) + int(repaired and cell.scored_as == "nf4")
+    return TrialWork(kept=cell.num_layers - cell.n, heal=heal, unhealed=unhealed, loads=loads,
+                     repair=CalibrationConfig.from_dict(cell.calibration) if repaired else None)
+
+
+def stage1_work(cells: list[Cell]) -> list[Stage1Work]:
+    """What a model's profile actor computes for ``cells`` (``profile_stage``): each distance table and greedy order
+    they need, once, a greedy order for as many rounds as its deepest cell removes."""
+    from ray_prune.sweep.grid import stage1_need
+    from ray_prune.sweep.plan import need_key
+
+    wanted: dict[tuple[str, str], list] = {}
+    for c in cells:
+        need = stage1_need(c)
+        if need is not None:
+            entry = wanted.setdefault(need_key(need), [need[1], 0])
+            entry[1] = max(entry[1], c.n)
+    return [Stage1Work(kind, CalibrationConfig.from_dict(cal), rounds if kind == "order" else 0)
+            for (kind, _), (cal, rounds) in wanted.items()]
 
 
 def gpu_type(exp: Experiment, gpu: str | None = None, gpu_memory_gb: float | None = None) -> str:
@@ -68,10 +97,9 @@ def plan_costs(p: Plan, gpu: str, probe: bool = False, force: bool = False) -> C
         if probe:
             rates = _probed(spec.name, w, exp, base, out.notes, force)
         cells = [c for c in p.cells if c.model == spec.name]
-        table = any(c.strategy == "similarity" and c.n > 0 for c in cells)
         trials = [trial_work(exp, c, adjusted.get("heal")) for c in cells]
         out.costs.append(model_cost(spec.name, record.arch, w, trials, rates, plan.profile_gpus if plan else 1,
-                                    plan.trial_gpus if plan else 1, table, len(exp.precisions(spec))))
+                                    plan.trial_gpus if plan else 1, stage1_work(cells), len(exp.precisions(spec))))
     unmeasured = sorted({f"{n} {k}-shot" for n, k in exp.eval.config().shots().items()
                          if (n, k) not in _measured()})
     if unmeasured:
@@ -86,7 +114,7 @@ def _measured() -> set[tuple[str, int]]:
     return set(TASK_TOKENS)
 
 
-def _probed(model: str, w, exp: Experiment, base: Rates, notes: list[str], force: bool) -> Rates:
+def _probed(model: str, w: Workload, exp: Experiment, base: Rates, notes: list[str], force: bool) -> Rates:
     """``base`` with the kinds ``core.probe.probe`` measured here for ``model``, at the trials' CPU threads."""
     import torch
 

@@ -48,6 +48,16 @@ class ModelSpec(_Strict):
     name: str
     heal: dict[str, Any] = Field(default_factory=dict, description="per-model heal settings, e.g. the paper's lr")
     trust_remote_code: bool = False
+    fractions: list[float] | None = Field(None, min_length=1, description="this model's own fractions, in place "
+                                          "of the experiment's (e.g. fewer cells for a larger model)")
+
+    @field_validator("fractions")
+    @classmethod
+    def _own_fractions(cls, v: list[float] | None) -> list[float] | None:
+        bad = [f for f in v or [] if not 0.0 <= f < 1.0]
+        if bad:
+            raise ValueError(f"fractions {bad} are outside [0, 1)")
+        return v
 
     @field_validator("heal")
     @classmethod
@@ -137,7 +147,10 @@ class Experiment(_Strict):
             raise ValueError(f"fractions {bad} are outside [0, 1)")
         return v
 
-    def fraction_values(self) -> list[float]:
+    def fraction_values(self, model: ModelSpec | None = None) -> list[float]:
+        """The fractions of the grid, sorted: the model's own where it has them, else the experiment's."""
+        if model is not None and model.fractions is not None:
+            return sorted(set(model.fractions))
         values = self.fractions.values() if isinstance(self.fractions, FractionRange) else list(self.fractions)
         return sorted(set(values))
 
@@ -163,7 +176,7 @@ class Experiment(_Strict):
         if not self.heal.by_fraction:
             return self
         for model in self.models:
-            for fraction in self.fraction_values():
+            for fraction in self.fraction_values(model):
                 for point in self.heal_points(model, fraction):
                     try:
                         HealConfig.from_point(point).validate()
@@ -182,7 +195,7 @@ class Experiment(_Strict):
         of every fraction of the grid, once each (what stage 1 and the memory plan must serve)."""
         if fraction is None:
             seen, out = set(), []
-            for f in self.fraction_values():
+            for f in self.fraction_values(model):
                 for point in self.heal_points(model, f):
                     key = json.dumps(point, sort_keys=True, default=str)
                     if key not in seen:
@@ -286,13 +299,14 @@ def grid_size(data: dict[str, Any], source: str = "experiment", max_cells: int =
     total = 0
     for m in models or [None]:
         own = m.get("heal", {}) if isinstance(m, dict) and isinstance(m.get("heal"), dict) else {}
+        own_fractions = length(m["fractions"]) if isinstance(m, dict) and "fractions" in m else n_fractions
         points = 1
         for key in HEAL_AXES:
             n = length(own.get(key, heal.get(key)))
             points *= n
             if n > 1:
                 axes[f"heal.{key}"] = max(axes.get(f"heal.{key}", 1), n)
-        total += n_fractions * axes["strategies"] * axes["repairs"] * points * axes["seeds"]
+        total += own_fractions * axes["strategies"] * axes["repairs"] * points * axes["seeds"]
     if total > max_cells:
         multiplied = " x ".join(f"{k} {v}" for k, v in axes.items() if v > 1)
         raise UserError(f"{source} makes up to {total:,} cells ({len(models)} model(s) x {multiplied}), more than "

@@ -131,7 +131,7 @@ def merged_fractions(exp: Experiment, num_layers: dict[str, int]) -> list[str]:
     for spec in exp.models:
         L = num_layers[spec.name]
         first: dict[int, float] = {}
-        for fraction in exp.fraction_values():
+        for fraction in exp.fraction_values(spec):
             n = _n_of(fraction, spec, L)
             if n in first:
                 lines.append(f"{spec.name}: fraction {fraction:g} removes n={n} of {L} layers, as fraction "
@@ -170,7 +170,7 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
     evaluation_id = eval_identity(exp)
     for spec in exp.models:
         L = num_layers[spec.name]
-        for fraction in exp.fraction_values():
+        for fraction in exp.fraction_values(spec):
             n = _n_of(fraction, spec, L)
             # n = 0 prunes nothing: one cell, whatever the strategies, and its unhealed row is the baseline's.
             for strategy in (exp.strategies if n > 0 else ["none"]):

@@ -42,7 +42,7 @@ def plan_models(exp: Experiment, models: dict[str, ModelRecord], gpu_gib: float,
     plans = []
     for spec in exp.models:
         record = models[spec.name]
-        n_min = min(n_from_fraction(f, record.num_layers) for f in exp.fraction_values())
+        n_min = min(n_from_fraction(f, record.num_layers) for f in exp.fraction_values(spec))
         plans.append(choose(record.arch, workload(exp, spec), gpu_gib, gpus_per_node, spec.name, n_min,
                             order=order, headroom=headroom, config_source=record.source, adjust=adjust))
     return plans

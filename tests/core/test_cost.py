@@ -53,9 +53,16 @@ def test_tokens_of_each_stage_against_a_hand_count():
     assert (train.kind, train.tokens) == ("train", 5 * 2 * 3 * 32)  # what the rows' tokens_seen records
     assert (val.kind, val.tokens) == ("forward", 3 * 4 * 32)
     assert train.amount == train.tokens * cost.train_flops(arch, 5, heal)
-    table = cost.profile_work(arch, Workload(calibration=CalibrationConfig(samples=8, max_length=32)))
-    assert [(w.kind, w.tokens) for w in table] == [("forward", 8 * 32)]
-    assert table[0].amount == 8 * 32 * (2 * 6 * BLOCK + 4 * Q * 33 / 2 * 6)  # no LM head
+    cal = CalibrationConfig(samples=8, max_length=32)
+    table = cost.profile_work(arch, cal)
+    assert [(w.kind, w.tokens) for w in table] == [("table", 8 * 32)]  # in full precision, not the scoring one
+    block = 2 * BLOCK + 4 * Q * 33 / 2  # one block's FLOPs per token at 32 tokens
+    assert table[0].amount == 8 * 32 * 6 * block  # no LM head
+    greedy = cost.greedy_work(arch, cal, 2)  # rounds with 6, then 5 blocks: the model once, K(K-1)/2 blocks, K heads
+    assert greedy[0].amount == pytest.approx(8 * 32 * ((6 + 15) * block + 6 * 2 * HEAD + (5 + 10) * block
+                                                       + 5 * 2 * HEAD))
+    repair = cost.repair_work(arch, 4, cal)  # the full model's streams and the pruned one's
+    assert repair[0].amount == pytest.approx(8 * 32 * (6 + 4) * block)
     loss_only = cost.evaluation_work(arch, 5, EvalConfig(tasks={}, c4_sequences=3, seq_len=32))
     assert [(w.kind, w.tokens) for w in loss_only] == [("forward", 96)]
     boolq = cost.TASK_TOKENS[("boolq", 0)]
@@ -178,7 +185,8 @@ def test_a_model_cost_counts_stages_gpus_and_hours():
     assert c.stage("heal").device_hours(rates) == pytest.approx(2 * heal_seconds / 3600)  # GPUs x hours
     assert c.device_hours == pytest.approx(sum(s.device_hours(rates) for s in c.stages))
     text = cost.format_cost_table([c], price_per_gpu_hour=2.0)
-    assert "tiny" in text and f"{c.device_hours:.4g} device-hours" in text and "at 2 per GPU-hour" in text
+    total = float(text.split("sweep total: ")[1].split(" device-hours")[0])
+    assert "tiny" in text and total == pytest.approx(c.device_hours, rel=1e-2) and "at 2 per GPU-hour" in text
 
 
 # --------------------------------------------------------------------------- the probe
@@ -207,7 +215,7 @@ def test_the_probe_measures_on_cpu_caches_and_is_reused(tmp_path, cache, tokeniz
         first = probe.probe(name, _tiny_workload(), device="cpu")
     finally:
         torch.set_num_threads(before)
-    assert set(first.rates) == {"load", "forward", "score", "train"} and all(v > 0 for v in first.rates.values())
+    assert set(first.rates) == set(cost.KINDS) and all(v > 0 for v in first.rates.values())
     assert first.precision == "none+fp32" and first.device.startswith("cpu") and not first.cached
     stored = json.loads(open(first.path).read())
     assert first.path.startswith(str(cache / "probes")) and stored["rates"] == first.rates
@@ -226,3 +234,12 @@ def test_the_probe_measures_on_cpu_caches_and_is_reused(tmp_path, cache, tokeniz
     rates = cost.default_rates().with_measured(again.rates, again.device, again.how)
     assert rates.measured == frozenset(cost.KINDS) and rates.source(["train", "forward"]) == "measured"
     assert "measured" in rates.sources["train"]
+
+
+def test_the_probe_refuses_a_model_whose_weights_are_not_here(cache):
+    from ray_prune.core import probe
+    from ray_prune.errors import UserError
+
+    assert probe.weights_here("smollm2-135m")  # bundled
+    with pytest.raises(UserError, match="not on this machine"):  # never a 13 GB download from a --check
+        probe.probe("meta-llama/Llama-2-7b-hf", _tiny_workload(), device="cpu")

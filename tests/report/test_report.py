@@ -241,7 +241,8 @@ def test_report_of_a_real_sweep(sweep, tmp_path):
     index = out / "index.html"
     assert index.is_file()
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["distance_tiny-llama.png", "heal_curves.png", "loss.png", "lstar.png", "metric_boolq_acc.png"]
+    assert pngs == ["distance_tiny-llama.png", "heal_curves.png", "loss.png", "lstar.png", "metric_boolq_acc.png",
+                    "quality_cost.png"]
     for name in pngs:
         w, h = _png_size(out / name)
         assert w >= 600 and h >= 300, (name, w, h)
@@ -251,8 +252,17 @@ def test_report_of_a_real_sweep(sweep, tmp_path):
     assert set(pngs) <= set(links)
     for link in links:
         assert "://" not in link and (out / link).is_file(), f"broken link {link}"
-    for csv in ("safe_fractions.csv", "cost.csv", "missing_cells.csv", "cell_status.csv", "results.csv"):
+    for csv in ("safe_fractions.csv", "cost.csv", "missing_cells.csv", "cell_status.csv", "results.csv",
+                "methods.csv"):
         assert csv in links
+    # Methods against the paper's (similarity, healed) on the same questions: the paired difference and its error.
+    methods = pd.read_csv(out / "methods.csv")
+    rows = load_results(str(sweep)).set_index(["strategy", "n", "stage"])
+    deep = methods[(methods["method"] == "deepest") & (methods["stage"] == "healed") & (methods["n"] == 3)].iloc[0]
+    want = rows.loc[("deepest", 3, "healed"), "boolq_acc"] - rows.loc[("similarity", 3, "healed"), "boolq_acc"]
+    assert deep["boolq_diff"] == pytest.approx(want) and deep["boolq_diff_se"] >= 0
+    ref = methods[(methods["method"] == "similarity") & (methods["stage"] == "healed") & (methods["n"] == 3)]
+    assert ref["boolq_diff"].iloc[0] == 0 and bool(ref["is_reference"].iloc[0])
 
     df = load_results(str(sweep))
     # safe fractions, by hand: the healed BoolQ accuracy at each fraction against the baseline's

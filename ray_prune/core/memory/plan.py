@@ -221,6 +221,7 @@ class Choice:
     fix: str = ""  # when nothing fits: what to change
     adjusted: Adjustments = field(default_factory=dict)  # settings changed from the experiment's, by section
     short_gib: float = 0.0  # when nothing fits: GiB the smallest option needs beyond what the GPU leaves usable
+    smallest: Adjustments = field(default_factory=dict)  # when nothing fits: the settings of that smallest option
 
     @property
     def precision(self) -> str:
@@ -231,9 +232,12 @@ class Choice:
         return self.estimate.gpus
 
     def settings_text(self) -> str:
-        """The changed settings as an experiment file writes them (``heal: {batch_size: 2, grad_accum: 8}``)."""
-        return "; ".join(f"{section}: {{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in values.items()) + "}"
-                         for section, values in self.adjusted.items())
+        """The changed settings as an experiment file writes them (``heal: {batch_size: 2, grad_accum: 8}``); where
+        nothing fits, those of the smallest option tried."""
+        settings = self.adjusted if self.fits else self.smallest
+        text = "; ".join(f"{section}: {{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in values.items()) + "}"
+                         for section, values in settings.items())
+        return text if self.fits or not text else f"(smallest) {text}"
 
 
 def _yaml(value: Any) -> str:
@@ -283,7 +287,7 @@ class ModelPlan:
         optimizer changes the updates (it names its cells: ``heal.optimizer``'s identity)."""
         out: Adjustments = {}
         for c in self.choices:
-            for section, values in c.adjusted.items():
+            for section, values in (c.adjusted if c.fits else {}).items():
                 mine = out.setdefault(section, {})
                 for k, v in values.items():
                     mine[k] = min(mine[k], v) if k == "batch_size" and k in mine else v
@@ -343,10 +347,11 @@ def heal_candidates(workload: Workload) -> list[Adjustments]:
         return {"heal": {**out, **extra}}
 
     out = [values(b) for b in sizes if b < largest]
-    if not all(h.gradient_checkpointing for h in workload.heal):
-        out += [values(b, gradient_checkpointing=True) for b in sizes]
+    checkpointing = {} if all(h.gradient_checkpointing for h in workload.heal) else {"gradient_checkpointing": True}
+    if checkpointing:
+        out += [values(b, **checkpointing) for b in sizes]
     if not all(h.optimizer == OPTIMIZER_8BIT for h in workload.heal):
-        out += [values(b, gradient_checkpointing=True, optimizer=OPTIMIZER_8BIT) for b in sizes]
+        out += [values(b, **checkpointing, optimizer=OPTIMIZER_8BIT) for b in sizes]
     return out
 
 
@@ -412,14 +417,15 @@ def _batch_fix(arch: Arch, workload: Workload, stage: str, gpu_gib: float, gpus_
 
 def _place(arch: Arch, workload: Workload, stage: str, placements: Sequence[tuple[str, int]],
            settings: Sequence[Adjustments], gpu_gib: float, headroom: float,
-           n_removed: int) -> tuple[StageEstimate | None, Adjustments, tuple[str, int], list[StageEstimate]]:
+           n_removed: int) -> tuple[StageEstimate | None, Adjustments, tuple[str, int],
+                                    list[tuple[StageEstimate, Adjustments]]]:
     """For each placement in order, each setting in order: the first estimate that fits, its adjustments, its
-    placement, and everything tried."""
+    placement, and everything tried (with its adjustments)."""
     tried = []
     for p, g in placements:
         for adj in settings:
             est = estimate(arch, apply_adjustments(workload, adj), stage, p, g, n_removed)  # type: ignore[arg-type]
-            tried.append(est)
+            tried.append((est, adj))
             if est.fits(gpu_gib, headroom):
                 return est, adj, (p, g), tried
     return None, {}, ("auto", 1), tried
@@ -459,15 +465,17 @@ def choose(config: Any, workload: Workload, gpu_gib: float, gpus_per_node: int =
         if fit is not None:
             choices.append(Choice(name, stage, fit, True, adjusted=adj))
             continue
-        smallest = min(tried, key=lambda e: e.peak_bytes)
+        smallest, smallest_adj = min(tried, key=lambda t: t[0].peak_bytes)
         short = smallest.peak_gib - usable
         fix = (_heal_fix(arch, workload, gpu_gib, headroom, n_removed) if stage == "heal" else
                _batch_fix(arch, workload, stage, gpu_gib, gpus_per_node, headroom, n_removed, order))
         tried_what = "with every setting the plan may change, " if adjust else ""
+        changed = Choice(name, stage, smallest, True, adjusted=smallest_adj).settings_text()
         fix = (f"{tried_what}the smallest option ({smallest.precision} on {smallest.gpus} GPU"
-               f"{'s' if smallest.gpus > 1 else ''}) needs {smallest.peak_gib:.1f} GiB per GPU, {short:.1f} GiB more "
-               f"than the {usable:.1f} GiB usable ({headroom:.0%} of {gpu_gib:g} left free); {fix}")
-        choices.append(Choice(name, stage, smallest, False, fix, short_gib=short))
+               f"{'s' if smallest.gpus > 1 else ''}{', ' + changed if changed else ''}) needs "
+               f"{smallest.peak_gib:.1f} GiB per GPU, {short:.1f} GiB more than the {usable:.1f} GiB usable "
+               f"({headroom:.0%} of {gpu_gib:g} left free); {fix}")
+        choices.append(Choice(name, stage, smallest, False, fix, short_gib=short, smallest=smallest_adj))
     return ModelPlan(model or arch.model_type, gpu_gib, gpus_per_node, headroom, n_removed, config_source,
                      tuple(_one_eval_batch(arch, workload, choices, placed, n_removed)))
 
@@ -496,7 +504,7 @@ def format_plan_table(plans: Sequence[ModelPlan]) -> str:
     """One row per model and stage: model, stage, precision, GPUs per trial, the settings the plan changed (a column
     only when some plan changed one), estimated peak GiB per GPU, fits; then the fix of every stage that does not
     fit, with how much more memory it needs."""
-    adjusted = any(c.adjusted for plan in plans for c in plan.choices)
+    adjusted = any(c.settings_text() for plan in plans for c in plan.choices)
     rows = [("model", "stage", "precision", "GPUs") + (("settings changed",) if adjusted else ()) +
             ("est. peak GiB", "fits")]
     fixes = []
