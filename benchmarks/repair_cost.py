@@ -158,7 +158,7 @@ def main() -> None:
 
     from ray_prune.core.data import load_texts
 
-    texts = load_texts("calibration", 4 * max(args.blocks) + 32)
+    texts = load_texts("calibration")  # all of it: packing reads only what the largest size needs
     print(f"# Linear repair: cost and C4 loss ({device_tag()})\n\n{machine()}; fp32; {args.fraction:.0%} of the layers "
           f"removed by the similarity rule; calibration: {' or '.join(map(str, sorted(args.blocks)))} packed C4 "
           f"blocks of {args.seq_len} tokens, batch {args.batch_size}; profile and linear (on the first) interleaved, "

@@ -33,7 +33,8 @@ token's forward, which understates it: decoding is memory-bound, not FLOP-bound.
 
 Tokens
 ------
-The distance table: ``calibration.samples x max_length`` (documents padded to the batch's longest, about the cap).
+A distance table: ``calibration.samples x max_length`` (documents padded to the batch's longest, about the cap); a
+greedy order (:func:`greedy_work`) and a linear repair (:func:`repair_work`) run on the same calibration tokens.
 Heal: ``steps x sequences per step x seq_len`` (the ``tokens_seen`` rows record), and each validation loss
 (``steps / eval_every``, and the last step) on ``val_sequences x seq_len``. The C4 loss: ``c4_sequences x seq_len``.
 A question: :data:`TASK_TOKENS`, measured (its comment says how); tasks without an entry use

@@ -126,6 +126,10 @@ class Plan:
             lines.append(f"  {name} (L={m.num_layers}): {len(mine)} cells, {todo} to run")
         return lines + [f"  note: {line}" for line in self.merged]
 
+    def adjustments(self, model: str) -> dict:
+        """What the memory plan changed so that ``model``'s stages fit its GPUs (``ModelPlan.adjustments``)."""
+        return next((dict(mp.adjustments) for mp in self.memory if mp.model == model), {})
+
     def models_with_work(self) -> list[ModelSpec]:
         return [m for m in self.experiment.models if any(c.model == m.name for c in self.pending)]
 

@@ -97,8 +97,8 @@ def _greedy(storage: Storage, name: str, key: str, model, tok, texts: list[str],
 
 
 def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir: str | None, quantize: str,
-                    blocks: dict, need_baseline: bool, profile_s: float,
-                    code_version: str = "") -> tuple[dict[str, float], float | None]:
+                    blocks: dict, need_baseline: bool, profile_s: float, code_version: str = "",
+                    eval_overrides: dict | None = None) -> tuple[dict[str, float], float | None]:
     """The unpruned model in one scoring precision: its selection losses (ASHA's reference) and baseline row."""
     from ray_prune.core.architecture import family_of, num_layers
     from ray_prune.core.loss import next_token_loss
@@ -124,9 +124,10 @@ def _score_unpruned(exp: Experiment, spec: ModelSpec, storage: Storage, data_dir
     log.info("%s: baseline%s: %s%s", spec.name, f" in {how.label}", tasks or "no task",
              f", C4 loss on {exp.eval.c4_sequences} blocks" if exp.eval.c4_sequences else "")
     t = time.perf_counter()
-    flat, records = run_evaluation(model, tok, exp.eval.model_dump(), data_dir, _test_blocks(storage, blocks))
+    evaluation = {**exp.eval.model_dump(), **(eval_overrides or {})}  # the memory plan's batch, where it set one
+    flat, records = run_evaluation(model, tok, evaluation, data_dir, _test_blocks(storage, blocks))
     cell = baseline_cell(exp.name, spec.name, spec.trust_remote_code, num_layers(model),
-                         exp.calibrations()[0].model_dump(), exp.eval.model_dump(), exp.dtype,
+                         exp.calibrations()[0].model_dump(), evaluation, exp.dtype,
                          baseline_id(exp, spec.name, quantize), quantize, code_version)
     wall = time.perf_counter() - t
     write_questions(storage, exp.name, cell.cell_id, "baseline", spec.name, records)
@@ -158,7 +159,7 @@ class _Forward(logging.Handler):
 
 def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: str | None,
                   work: list[tuple], baselines: list[str], threads: int, streamed: bool = False,
-                  gpus: float = 0.0, queue=None, code_version: str = "") -> Profiled:
+                  gpus: float = 0.0, queue=None, code_version: str = "", adjustments: dict | None = None) -> Profiled:
     """Stage 1 for one model (inside its actor): shared blocks, distance tables, references and baselines.
 
     ``work``: (kind, key, calibration settings, rounds) of each table or greedy order to compute and store (those
@@ -174,6 +175,9 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
         logger.setLevel(logging.INFO)
         logger.addHandler(_Forward(queue))
     exp, spec, storage = Experiment(**exp_dict), ModelSpec(**spec_dict), Storage(storage_uri)
+    adjustments = adjustments or {}
+    if adjustments.get("calibration"):  # the memory plan's batch: what the table costs, not what it holds
+        work = [(kind, key, {**cal, **adjustments["calibration"]}, rounds) for kind, key, cal, rounds in work]
     tok = load_tokenizer(spec.name, spec.trust_remote_code)
     wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
     notes: list[str] = []
@@ -183,7 +187,8 @@ def profile_model(exp_dict: dict, spec_dict: dict, storage_uri: str, data_dir: s
     losses: dict[str, float | None] = {}
     for quantize in exp.precisions(spec):
         ref, losses[quantize] = _score_unpruned(exp, spec, storage, data_dir, quantize, blocks,
-                                                quantize in baselines, profile_s, code_version)
+                                                quantize in baselines, profile_s, code_version,
+                                                adjustments.get("eval"))
         references.update(ref)
     return Profiled(blocks, references, losses, profile_s, notes)
 
@@ -244,7 +249,7 @@ class Stage1:
             g = gpus[m.name]
             self.futures[m.name] = profiler.options(num_gpus=g["profile"], num_cpus=cpus, max_retries=1).remote(
                 exp.model_dump(), m.model_dump(), store.uri, p.data_dir, work, baselines, cpus, g["streamed"],
-                g["profile"], self.queue, p.code_version)
+                g["profile"], self.queue, p.code_version, p.adjustments(m.name))
 
     @property
     def pending(self) -> list[str]:

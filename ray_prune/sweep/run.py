@@ -192,13 +192,30 @@ def _trial_spec(c, p: Plan, profiled, stage1: dict, cpus: int, gpus: float):
         if need.role == "test" or (c.heals and need.seq_len == c.heal["seq_len"]):
             blocks[need.role] = path
     return TrialSpec(
-        cell=replace(c, removed_layers=removed, table_key=key, code_version=p.code_version),
+        cell=replace(adjusted(c, p.adjustments(c.model)), removed_layers=removed, table_key=key,
+                     code_version=p.code_version),
         storage_uri=p.storage.uri, data_dir=p.data_dir, threads=cpus,
         baseline_loss=profiled.baseline_loss.get(c.scored_as),
         reference_loss=profiled.heal_reference.get(reference_key(c.scored_as, c.heal.get("seq_len"),
                                                                   c.heal.get("val_sequences"))),
         do_unhealed=p.experiment.eval.unhealed and c.owns_unhealed, blocks=blocks, gpus=gpus,
         calibration_source=p.experiment.text_source(c.calibration["dataset"]))
+
+
+def adjusted(c, adjustments: dict) -> object:
+    """A cell as its trial runs it on the GPUs the memory plan sized: the plan's micro-batch (the sequences per step
+    kept through gradient accumulation), checkpointing, optimizer and evaluation batch (``core.memory``'s
+    ``ModelPlan.adjustments``). Its id stays the one the experiment asked for; its rows record what ran."""
+    if not adjustments:
+        return c
+    from ray_prune.core.heal.config import HealConfig
+    from ray_prune.core.memory import adjust_heal
+
+    heal = dict(c.heal)
+    if c.heals and adjustments.get("heal"):
+        ran = adjust_heal(HealConfig.from_point(c.heal, seed=c.seed, dtype=c.dtype), adjustments["heal"])
+        heal.update({k: getattr(ran, k) for k in heal if hasattr(ran, k) and k not in ("seed", "dtype")})
+    return replace(c, heal=heal, eval={**c.eval, **adjustments.get("eval", {})})
 
 
 def _write_mergekit_configs(store, specs, p: Plan, say) -> bool:

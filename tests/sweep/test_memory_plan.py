@@ -88,3 +88,23 @@ def test_check_of_paper_llama2_at_40gb_prints_the_adjusted_plan_then_refuses_the
                                                                       load_experiment(paper).models}, 40, 8)}
     assert plans["meta-llama/Llama-2-13b-hf"].adjustments["heal"] == {"batch_size": 2, "grad_accum": 8}
     assert not plans[LLAMA_70B].fits and plans[LLAMA_7B].fits
+
+
+def test_the_plans_adjustments_reach_the_trials_without_renaming_the_cells():
+    """At 40 GB the plan heals 13B in micro-batches (same sequences per step) and scores in smaller batches; the
+    trial runs with those, the cell keeps its id, and its rows record what ran."""
+    from ray_prune.sweep.grid import expand
+    from ray_prune.sweep.run import adjusted
+
+    exp = load_experiment(REPO / "experiments" / "paper_llama2.yaml")
+    models = {m.name: read_model(m) for m in exp.models}
+    plans = {p.model: p for p in plan_models(exp, models, 40, 8)}
+    adj = plans["meta-llama/Llama-2-13b-hf"].adjustments
+    assert adj["heal"]["batch_size"] < 16 and adj["eval"]["batch_size"] < exp.eval.batch_size
+    cell = next(c for c in expand(exp, {k: m.num_layers for k, m in models.items()})
+                if c.model == "meta-llama/Llama-2-13b-hf" and c.n > 0)
+    ran = adjusted(cell, adj)
+    assert ran.cell_id == cell.cell_id
+    assert ran.heal["batch_size"] * ran.heal["grad_accum"] == cell.heal["batch_size"] * cell.heal["grad_accum"]
+    assert ran.heal["batch_size"] == adj["heal"]["batch_size"] and ran.eval["batch_size"] == adj["eval"]["batch_size"]
+    assert adjusted(cell, {}) is cell

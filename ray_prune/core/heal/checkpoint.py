@@ -118,8 +118,9 @@ def restore(checkpoint: Path, model, optimizer, scheduler, config: HealConfig, d
     from safetensors.torch import load_file
 
     state = json.loads((checkpoint / STATE_JSON).read_text())
-    mismatched = {k: (state["config"].get(k), v) for k, v in config.resume_key().items()
-                  if state["config"].get(k) != v}
+    defaults = HealConfig.defaults()  # a setting added after the checkpoint was written had its default then
+    mismatched = {k: (state["config"].get(k, defaults.get(k)), v) for k, v in config.resume_key().items()
+                  if state["config"].get(k, defaults.get(k)) != v}
     if mismatched:
         raise UserError(f"checkpoint {checkpoint} was written with other settings: "
                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in mismatched.items()),

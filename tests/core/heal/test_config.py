@@ -26,7 +26,7 @@ def test_schema_cli_and_columns_derive_from_the_dataclass():
     from ray_prune.sweep.sections import HealSection
 
     settings = {f.name for f in HealConfig.settings()}
-    assert settings == set(HealSection.model_fields) - {"enabled"}
+    assert settings == set(HealSection.model_fields) - {"enabled", "by_fraction"}
     assert {f"heal_{s}" for s in settings} <= set(COLUMNS)
     heal = build_parser()._subparsers._group_actions[0].choices["heal"]
     flags = {a.dest for a in heal._actions}
