@@ -36,7 +36,7 @@ LIBRARIES: tuple[str, ...] = ("lm_eval", "transformers", "torch", "peft", "bitsa
 
 # The row values :func:`eval_provenance` returns, with their types (``ledger/schema.py`` makes them columns).
 FIELDS: dict[str, type] = {
-    "code_version": str,  # the git commit (+dirty: with uncommitted changes), or the installed package version
+    "code_version": str,  # the git commit (+dirty: with uncommitted changes), or the package version + source hash
     **{f"{name}_version": str for name in LIBRARIES},  # null: not installed
     "eval_batch_size": int,  # sequences per forward pass: padding and kernel choice move scores slightly
     "eval_max_gen_toks": int,  # generation cap of generative tasks (null: each task's own)
@@ -53,6 +53,8 @@ TASK_FIELDS: dict[str, type] = {
 CPU_FEATURES: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
 HASH_CHARS = 16  # hex digits kept of a task config's SHA-256: enough to tell versions apart, short to read
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding ray_prune/: a checkout's root, or site-packages
+CODE_VERSION_ENV = "RAY_PRUNE_CODE_VERSION"  # set by whoever runs a copy without .git (a Ray job) to the commit
+SOURCE_SUFFIXES = (".py", ".yaml", ".html")  # the files whose content is the package's code, tasks and templates
 
 
 def task_field(task: str, name: str) -> str:
@@ -71,19 +73,34 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def source_hash(package: Path | None = None) -> str:
+    """The SHA-256 (first :data:`HASH_CHARS` hex digits) of the package's source files (``.py``, ``.yaml``,
+    ``.html``, by relative path and content): what names the code where no commit can, as in a Ray job's
+    uploaded copy of a checkout, which has no ``.git``. Not cached: :func:`code_version`, which is, calls it."""
+    package = Path(package) if package is not None else Path(ray_prune.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:HASH_CHARS]
+
+
 @functools.cache
 def code_version(root: Path | None = None) -> str:
-    """The code a row was computed with: the commit of the git checkout at ``root`` (default: the one this package
-    runs from), ``+dirty`` where tracked files differ from it, as ``git describe --dirty`` marks it; else (an
-    installed package, a copy without ``.git``, no git) the package version. Computed once per process: the code
-    a process runs is the code it imported."""
+    """The code a row was computed with: ``$RAY_PRUNE_CODE_VERSION`` where set (a Ray job passes the submitting
+    checkout's commit that way: its uploaded copy has no ``.git``); else the commit of the git checkout at ``root``
+    (default: the one this package runs from), ``+dirty`` where tracked files differ from it, as
+    ``git describe --dirty`` marks it; else (an installed package, a copy without ``.git``, no git) the package
+    version and the hash of its source, so two different copies never share a name. Computed once per process:
+    the code a process runs is the code it imported."""
+    if os.environ.get(CODE_VERSION_ENV):
+        return os.environ[CODE_VERSION_ENV]
     root = Path(root) if root is not None else PACKAGE_ROOT
     if (root / ".git").exists():
         head = _git(root, "rev-parse", "--verify", "HEAD")
         status = _git(root, "status", "--porcelain", "--untracked-files=no")
         if head and status is not None:
             return head.strip() + ("+dirty" if status.strip() else "")
-    return ray_prune.__version__
+    return f"{ray_prune.__version__}+src.{source_hash()}"
 
 
 @functools.cache

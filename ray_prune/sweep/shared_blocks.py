@@ -93,9 +93,10 @@ def check(storage: Storage, path: str) -> None:
 
 
 def make(storage: Storage, tokenizer, wanted: list[Need], data_dir: str | None, source,
-         notes: list[str] | None = None) -> dict:
+         notes: list[str] | None = None, count=None) -> dict:
     """Pack and store every needed block set that storage does not hold whole yet; ``{Need: relative path}``.
-    A stored set that fails :func:`check` is deleted and packed again, with a line in ``notes``."""
+    A stored set that fails :func:`check` is deleted and packed again, with a line in ``notes``. ``count`` (a
+    :class:`~ray_prune.core.data.RowCount`) tallies the source rows read, which is what bounds hub traffic."""
     from ray_prune.core.data import data_dir as resolve, iter_role, roles_identity
     from ray_prune.core.packing import pack_stream
 
@@ -116,7 +117,7 @@ def make(storage: Storage, tokenizer, wanted: list[Need], data_dir: str | None, 
                 for stale in (path, _record_path(path)):
                     if storage.exists(stale):
                         storage.delete(stale)
-        blocks = pack_stream(iter_role(need.role, "c4", data_dir, source), tokenizer, need.seq_len,
+        blocks = pack_stream(iter_role(need.role, "c4", data_dir, source, count), tokenizer, need.seq_len,
                              max_blocks=need.count)
         buffer = io.BytesIO()
         np.save(buffer, blocks.numpy().astype(DTYPE))

@@ -46,8 +46,21 @@ def test_code_version_is_the_commit_and_marks_uncommitted_changes(tmp_path):
     assert second != head and _fresh_code_version(repo) == second
 
 
-def test_code_version_without_a_checkout_is_the_package_version(tmp_path):
-    assert _fresh_code_version(tmp_path) == ray_prune.__version__
+def test_code_version_without_a_checkout_is_the_package_version_and_its_source_hash(tmp_path, monkeypatch):
+    monkeypatch.delenv(provenance.CODE_VERSION_ENV, raising=False)
+    assert _fresh_code_version(tmp_path) == f"{ray_prune.__version__}+src.{provenance.source_hash()}"
+    copy = tmp_path / "ray_prune"
+    shutil.copytree(Path(ray_prune.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert provenance.source_hash(copy) == provenance.source_hash()  # by content, wherever the copy lies
+    (copy / "core" / "select.py").write_text((copy / "core" / "select.py").read_text() + "# changed\n")
+    assert provenance.source_hash(copy) != provenance.source_hash()
+
+
+def test_code_version_from_the_environment_wins(tmp_path, monkeypatch):
+    """A Ray job runs an uploaded copy without .git; the submitter passes its commit in the job's environment."""
+    monkeypatch.setenv(provenance.CODE_VERSION_ENV, "0123abc")
+    assert _fresh_code_version(tmp_path) == "0123abc"
+    provenance.code_version.cache_clear()
 
 
 def test_library_versions_are_the_installed_ones():

@@ -37,6 +37,7 @@ import pytest
 
 from faults import FAULT_ENV, KILL_ENV, KILL_ONCE_ENV, SITE_DIR
 from helpers import REPO, save_tiny_models, tiny_spec
+from ray_prune.core import provenance
 from ray_prune.ledger.rows import load_results
 from ray_prune.sweep.experiment import parse_experiment
 from sweep.drivers import expected_rows
@@ -266,7 +267,9 @@ def test_the_jobs_server_refuses_clients_without_the_token(head):
 def test_a_submitted_sweep_succeeds_with_the_rows_of_a_local_run(head, models_dir, tmp_path):
     spec = tiny_spec(name="jobs", models=[str(models_dir / "tiny-llama")], fractions=[0.5])  # 2 cells
     exp = parse_experiment(spec)
-    rc, out, info, wall, path = _submit(head, spec, tmp_path / "job-store")
+    # The uploaded copy has no .git: the submitter names the commit it runs, as the README shows.
+    commit = {"env_vars": {provenance.CODE_VERSION_ENV: provenance.code_version()}}
+    rc, out, info, wall, path = _submit(head, spec, tmp_path / "job-store", commit)
     print(f"\n[ray jobs] submitted sweep of 2 cells: {info['status']} in {wall:.1f} s")
     assert rc == 0 and info["status"] == "SUCCEEDED", out[-4000:]
     assert info.get("driver_exit_code") in (0, None)

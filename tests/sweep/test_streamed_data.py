@@ -72,7 +72,7 @@ def test_stage_one_reads_a_bounded_number_of_rows_and_trials_none(corpus, no_mir
     t = time.perf_counter()
     calibration = load_texts("calibration", exp.calibrations()[0].samples, source=source)
     wanted = shared_blocks.needs(exp.heal_points(spec), exp.eval.c4_sequences, exp.eval.seq_len)
-    blocks = shared_blocks.make(storage, tokenizer, wanted, None, source, count)
+    blocks = shared_blocks.make(storage, tokenizer, wanted, None, source, count=count)
     seconds = time.perf_counter() - t
     rows = sum(count.rows.values())
     print(f"stage 1 data: {seconds:.1f} s, rows read per role {count.rows} (of {DOCUMENTS:,}), "
