@@ -49,7 +49,8 @@ def maybe_kill(point: str, context: str) -> None:
     specs = os.environ.get(KILL_ENV)
     if not specs:
         return
-    if not any(w == point and fnmatch.fnmatchcase(context, g) for w, _, g in (s.partition(":") for s in specs.split(","))):
+    wanted = (s.partition(":") for s in specs.split(","))
+    if not any(w == point and fnmatch.fnmatchcase(context, g) for w, _, g in wanted):
         return
     once = os.environ.get(KILL_ONCE_ENV)
     if once:

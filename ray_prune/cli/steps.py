@@ -149,7 +149,8 @@ def _load_for_eval(args):
         prune_layers(model, removed)
     elif L is not None and num_layers(model) != L - len(removed):
         raise UserError(f"{args.model} has {num_layers(model)} layers; the adapter was trained on {L - len(removed)} "
-                        f"({L} less layers {removed})", f"pass the unpruned {record.get('base_model')} or its pruned copy")
+                        f"({L} less layers {removed})",
+                        f"pass the unpruned {record.get('base_model')} or its pruned copy")
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, args.adapter).eval(), tok

@@ -138,12 +138,14 @@ def _local_texts(source: TextSource, root: Path) -> list[str | None]:
         try:
             out.append(None if raw is None else raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"row {i} of {path} ({source.text_field!r}) is not UTF-8 text: {e.reason} at byte {e.start}",
-                            "re-encode the corpus as UTF-8 (e.g. bytes.decode('latin-1') then write it as strings)") from None
+            raise UserError(
+                f"row {i} of {path} ({source.text_field!r}) is not UTF-8 text: {e.reason} at byte {e.start}",
+                "re-encode the corpus as UTF-8 (e.g. bytes.decode('latin-1') then write it as strings)") from None
     return out
 
 
-def check_texts(needs: dict[Role, int], dataset: str = "c4", data_dir_path: str | os.PathLike | None = None) -> dict[str, int]:
+def check_texts(needs: dict[Role, int], dataset: str = "c4",
+                data_dir_path: str | os.PathLike | None = None) -> dict[str, int]:
     """Up-front check of a local mirror: readable, UTF-8, and enough usable documents for each role.
 
     Runs before any model loads (the hub is not checked: streaming it would

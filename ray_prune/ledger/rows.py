@@ -51,7 +51,8 @@ def row_problem(rel: str, table: pa.Table) -> str | None:
     if name != f"{row['cell_id']}-{row['stage']}{ROW_SUFFIX}":
         return f"named {name}, but holds the {row['stage']} row of cell {row['cell_id']}"
     if is_partitioned(rel) and rel != row_path(row["model"], row["cell_id"], row["stage"]):
-        return f"its row is of model {row['model']!r}, which belongs in {row_path(row['model'], row['cell_id'], row['stage'])}"
+        home = row_path(row["model"], row["cell_id"], row["stage"])
+        return f"its row is of model {row['model']!r}, which belongs in {home}"
     return None
 
 

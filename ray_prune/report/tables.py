@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ray_prune.ledger.schema import AXIS_COLUMNS, heal_column
-from ray_prune.report.frames import (fraction_key, fractions_removed, as_text, available_metrics, conformed, expected_grid,
-                                     score_column, metric_points)
+from ray_prune.report.frames import (as_text, available_metrics, conformed, expected_grid, fraction_key,
+                                     fractions_removed, metric_points, score_column)
 
 # ----------------------------------------------------------------------------- safely removable fraction
 

@@ -24,7 +24,7 @@ from ray_prune.ledger.tables import (read_distance_table, read_greedy_order, wri
 from ray_prune.ledger.storage import Storage
 from ray_prune.sweep.experiment import Experiment, ModelSpec
 from ray_prune.sweep.grid import baseline_id, stage1_need
-from ray_prune.sweep.interrupt import Interrupts, SweepInterrupted
+from ray_prune.sweep.interrupt import Interrupts
 from ray_prune.sweep.plan import Plan, need_key
 from ray_prune.sweep import shared_blocks
 from ray_prune.sweep.rows import baseline_cell, cell_row

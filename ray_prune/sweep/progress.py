@@ -126,7 +126,8 @@ class ProgressView(tune.Callback):
                          f"{c['stopped']} stopped, {c['failed']} failed")
         eta = self.eta()
         tail = f" | left ~{_clock(eta)}" if eta is not None else ""
-        print(f"[{_clock(time.monotonic() - self.t0)}] " + " | ".join(parts) + tail, file=self.out or sys.stdout, flush=True)
+        print(f"[{_clock(time.monotonic() - self.t0)}] " + " | ".join(parts) + tail, file=self.out or sys.stdout,
+              flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         cell = trial.config["run"].cell

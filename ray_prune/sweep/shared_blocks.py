@@ -122,7 +122,8 @@ def make(storage: Storage, tokenizer, wanted: list[Need], data_dir: str | None, 
         buffer = io.BytesIO()
         np.save(buffer, blocks.numpy().astype(DTYPE))
         data = buffer.getvalue()
-        record = {"shape": list(blocks.shape), "dtype": np.dtype(DTYPE).name, "sha256": hashlib.sha256(data).hexdigest(),
+        record = {"shape": list(blocks.shape), "dtype": np.dtype(DTYPE).name,
+                  "sha256": hashlib.sha256(data).hexdigest(),
                   "role": need.role, "seq_len": need.seq_len, "count": need.count, **base}
         storage.write_bytes(path, data)  # the array first: a record without its array is re-made, never trusted
         storage.write_bytes(_record_path(path), json.dumps(record, indent=1).encode())

@@ -26,7 +26,8 @@ def _streams(model, tokenizer, texts, max_length):
         enc = tokenizer([t], return_tensors="pt", truncation=True, max_length=max_length)
         captured = {}
         last = model.model.layers[-1]
-        h = last.register_forward_hook(lambda m, a, o: captured.__setitem__("xL", o[0] if isinstance(o, tuple) else o))
+        h = last.register_forward_hook(
+            lambda m, a, o, captured=captured: captured.__setitem__("xL", o[0] if isinstance(o, tuple) else o))
         with torch.no_grad():
             hs = model(**enc, output_hidden_states=True).hidden_states
         h.remove()

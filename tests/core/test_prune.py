@@ -1,4 +1,5 @@
-"""Pruning every supported family: the model is the original minus the removed blocks, the KV cache works, and it saves."""
+"""Pruning every supported family: the model is the original minus the removed blocks, the KV cache works, and it
+saves."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def test_old_layout_loads_and_moves_into_the_dataset(tmp_path):
     _old_row_file(tmp_path / RESULTS / "org--m" / "h-healed.parquet",
                   {**base, "cell_id": "h", "stage": "healed", "n": 2, "strategy": "deepest",
                    "removed_layers": [7, 8], "heal_lr": 3e-4, "seed": 0, "boolq_acc": 0.55, "curve_step": [2, 4]})
-    with pytest.raises(Exception):  # the reason for the declared schema: mixed null/double columns
+    with pytest.raises(pa.ArrowException):  # the reason for the declared schema: mixed null/double columns
         pd.read_parquet(tmp_path / RESULTS)
     before = load_results(str(tmp_path))
     assert len(before) == 2 and list(before.loc[before["stage"] == "healed", "removed_layers"].iloc[0]) == [7, 8]

@@ -1,4 +1,5 @@
-"""Ctrl-C and ``ray job stop`` on a real sweep: a real SIGINT, then a real SIGTERM, in the middle of trials, then a rerun.
+"""Ctrl-C and ``ray job stop`` on a real sweep: a real SIGINT, then a real SIGTERM, in the middle of trials, then a
+rerun.
 
 SIGINT goes to the driver's whole process group, as a terminal's Ctrl-C does (the embedded Ray's own processes
 ignore it). SIGTERM goes to the driver alone, as ``kill PID`` does; ``ray job stop`` sends it to the job's process

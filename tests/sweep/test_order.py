@@ -48,7 +48,8 @@ def test_ties_keep_the_grid_order_and_costs_grow_with_work():
     specs = _study_specs()
     ordered = longest_first(specs, _models())
     for a, b in zip(ordered, ordered[1:]):
-        if trial_cost(a.cell, a.do_unhealed, _models()[a.cell.model]) == trial_cost(b.cell, b.do_unhealed, _models()[b.cell.model]):
+        cost_a = trial_cost(a.cell, a.do_unhealed, _models()[a.cell.model])
+        if cost_a == trial_cost(b.cell, b.do_unhealed, _models()[b.cell.model]):
             assert specs.index(a) < specs.index(b)
     cell = specs[0].cell
     longer = replace(cell, heal={**cell.heal, "steps": cell.heal["steps"] * 10})

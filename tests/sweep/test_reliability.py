@@ -53,7 +53,8 @@ def _assert_complete(exp, storage: Path):
     assert df.attrs["corrupt_files"] == []
     got = list(zip(df["cell_id"], df["stage"]))
     assert len(got) == len(set(got)), "duplicated rows"
-    assert set(got) == expected_rows(exp), f"missing {expected_rows(exp) - set(got)}, extra {set(got) - expected_rows(exp)}"
+    want = expected_rows(exp)
+    assert set(got) == want, f"missing {want - set(got)}, extra {set(got) - want}"
     finished = df[df["status"] == "finished"]
     for col in ("c4_loss", "boolq_acc", "wall_s", "finished_at"):
         assert finished[col].notna().all(), f"a finished row lacks {col}"

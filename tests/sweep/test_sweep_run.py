@@ -8,7 +8,6 @@ matmuls.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd

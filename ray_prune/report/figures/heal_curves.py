@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ray_prune.ledger.schema import AXIS_COLUMNS
-from ray_prune.report.frames import fraction_key, fractions_removed, order_strategies, heal_setting_keys, as_text, conformed
+from ray_prune.report.frames import (as_text, conformed, fraction_key, fractions_removed, heal_setting_keys,
+                                     order_strategies)
 from ray_prune.report.style import REFERENCE_COLOR, STYLE, percent, style_context, model_labels
 
 DASHES = ["-", "--", "-.", ":"]  # one per heal setting (seeds share it)

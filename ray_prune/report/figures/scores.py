@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from ray_prune.core.evaluation.tasks import TASKS
-from ray_prune.report.frames import (fraction_key, order_strategies, conformed, expected_grid, score_column, metric_label,
-                                     metric_points, task_of)
-from ray_prune.report.style import (PALETTE, REFERENCE_COLOR, STYLE, strategy_line, strategy_marker, new_axes, style_context,
-                                    model_colors, model_labels)
+from ray_prune.report.frames import (conformed, expected_grid, fraction_key, metric_label, metric_points,
+                                     order_strategies, score_column, task_of)
+from ray_prune.report.style import (PALETTE, REFERENCE_COLOR, STYLE, model_colors, model_labels, new_axes,
+                                    strategy_line, strategy_marker, style_context)
 
 Grid = dict[tuple[str, str], list[float]]
 
@@ -28,7 +28,8 @@ def _style_legend(ax, models: Sequence[str], colors: Mapping[str, str], labels: 
         handles += [Line2D([], [], color=colors[m], linewidth=3, label=labels[m]) for m in models]
     if strategies:
         handles.append(Line2D([], [], linestyle="none", label="$\\bf{strategy}$"))
-        handles += [Line2D([], [], color="black", linestyle=strategy_line(s), marker=strategy_marker(s), label=s) for s in strategies]
+        handles += [Line2D([], [], color="black", linestyle=strategy_line(s), marker=strategy_marker(s), label=s)
+                    for s in strategies]
     handles.append(Line2D([], [], linestyle="none", label="$\\bf{stage}$"))
     handles.append(Line2D([], [], color="grey", marker="D", markeredgecolor="black", markeredgewidth=0.8,
                           linestyle="none", label="unpruned model (baseline)"))
