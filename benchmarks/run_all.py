@@ -6,6 +6,8 @@ device it ran on and keeps the other, so CPU and GPU figures sit side by side,
 each marked by device.
 
     make bench          # or: cd benchmarks && python run_all.py [--only profile_cost.py ...]
+
+With ``--only``, the commands not run keep their earlier subsections (each dated by its own run).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ COMMANDS = [
     ["benchmarks/scaling.py", "--samples", "8", "16", "32", "64", "--fixed-length", "64", "--lengths", "64", "128",
      "256", "512", "--fixed-samples", "8", "--cells", "1", "2", "4", "8", "--repeats", "2"],
     ["benchmarks/sweep_overhead.py", "experiments/smoke.yaml"],
+    ["benchmarks/greedy_cost.py", "--blocks", "2", "--seq-len", "64", "--fraction", "0.25"],
+    ["benchmarks/repair_cost.py", "--blocks", "16", "48", "--seq-len", "256"],
 ]
 ENV_KEYS = ("OMP_WAIT_POLICY", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
 
@@ -92,24 +96,46 @@ def main() -> None:
     device = device_tag()
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     env = ", ".join(f"{k}={os.environ[k]}" for k in ENV_KEYS if k in os.environ)
-    parts, timings = [], []
+    path = HERE / "RESULTS.md"
+    old = path.read_text() if path.exists() else ""
+    earlier = earlier_parts(old, device) if args.only else {}
+    parts, timings = {}, []
     for cmd in commands:
         line = " ".join(["python", *cmd])
         print(f"$ {line}", flush=True)
         text, seconds, code = run(cmd)
         timings.append((line, seconds, code))
-        parts.append(f"### `{line}`\n\n_{seconds / 60:.1f} min_\n\n{_demote(text.strip())}\n")
+        parts[line] = f"### `{line}`\n\n_{seconds / 60:.1f} min, run {started}_\n\n{_demote(text.strip())}\n"
     total = sum(s for _, s, _ in timings)
+    order = [" ".join(["python", *c]) for c in COMMANDS]
+    order += [line for line in earlier if line not in order]  # one-off runs added by hand stay, after the rest
+    kept = [line for line in order if line not in parts and line in earlier]
     header = (f"## {device}\n\n- machine: {machine()}\n- python {sys.version.split()[0]}, ray-prune at git "
-              f"{git_revision()}\n- run: {started}, `make bench`, {total / 60:.1f} min in all\n"
+              f"{git_revision()}\n- run: {started}, `make bench`{' --only' if args.only else ''}, "
+              f"{total / 60:.1f} min in all\n"
               f"- environment: {env or 'defaults'}\n- commands, from the repository root (`python` is the interpreter "
               "that ran run_all.py: the project's venv under `make bench`), each with its run time:\n"
-              + "".join(f"  - `{line}` ({s / 60:.1f} min{', FAILED' if c else ''})\n" for line, s, c in timings))
-    section = header + "\n" + "\n".join(parts)
-    path = HERE / "RESULTS.md"
-    old = path.read_text() if path.exists() else ""
+              + "".join(f"  - `{line}` ({s / 60:.1f} min{', FAILED' if c else ''})\n" for line, s, c in timings)
+              + ("- kept from earlier runs (their ratios are of those runs; newer subsections carry their run date):\n"
+                 + "".join(f"  - `{line}`\n" for line in kept) if kept else ""))
+    body = [parts.get(line) or earlier[line] for line in order if line in parts or line in earlier]
+    section = header + "\n" + "\n".join(body)
     path.write_text(merge(old, device, section))
     print(f"wrote {path.relative_to(ROOT)} ({device} section), {total / 60:.1f} min in all", flush=True)
+
+
+def earlier_parts(old: str, device: str) -> dict[str, str]:
+    """``{command line: its subsection}`` of this device's section in RESULTS.md, so that ``--only`` replaces the
+    commands it runs and keeps the figures of the others (each subsection carries its own run date)."""
+    block = re.search(rf"<!-- begin {device} -->(.*?)<!-- end {device} -->", old, flags=re.S)
+    if not block:
+        return {}
+    pieces = re.split(r"^(?=### `python )", block.group(1), flags=re.M)[1:]
+    out = {}
+    for piece in pieces:
+        line = re.match(r"### `(python [^`]*)`", piece).group(1)
+        out[line] = piece.rstrip() + "\n"
+    return out
 
 
 def _demote(text: str) -> str:

@@ -12,7 +12,7 @@ from ray_prune.core.calibration import CalibrationConfig
 from ray_prune.core.cost import DEFAULT_GPU, GPU_TYPES
 from ray_prune.core.evaluation.config import EvalConfig
 from ray_prune.core.heal.config import HealConfig
-from ray_prune.core.select import STRATEGIES
+from ray_prune.core.select import REPAIR_FORMS, REPAIRS, STRATEGIES
 from ray_prune.sweep.experiment import MAX_CELLS
 
 MODEL_HELP = "hub id (org/name), a local directory written by save_pretrained, or a bundled name (smollm2-135m, " \
@@ -55,13 +55,21 @@ def _prune_parser(sub) -> None:
                    "(run: mergekit-yaml FILE OUT_DIR). Without --out, only it is written and no weights load unless "
                    "similarity must profile (no --table). dtype: --dtype's; auto omits it (keeps stored precision)")
     p.add_argument("--strategy", default="similarity", choices=STRATEGIES,
-                   help="similarity (the paper's), deepest (its baseline) or layers (an explicit list)")
+                   help="similarity (the paper's l*(n)), deepest (its baseline), block_influence (ShortGPT: the n "
+                   "layers of lowest 1 - cos), greedy (SLEB: the removal order on the calibration loss) or layers "
+                   "(an explicit list)")
+    p.add_argument("--repair", default="none", choices=REPAIRS,
+                   help="none (plain removal) or linear (ReplaceMe: a least-squares linear stand-in for each removed "
+                   "run, fitted on the calibration text and folded into the weights before it; needs --out)")
+    p.add_argument("--repair-form", choices=REPAIR_FORMS,
+                   help="the linear repair's transform: full (d x d) or diagonal (per channel); default: full where "
+                   "it folds exactly into the family's weights, else diagonal")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fraction", type=float, help="fraction of layers to remove, in [0, 1)")
     group.add_argument("--n", type=int, help="number of layers to remove")
     group.add_argument("--layers", type=_int_list, help="explicit layers, e.g. 20,21,24 (strategy layers)")
-    p.add_argument("--table", help="distance table from `ray-prune profile` (none: profile now, with the "
-                   "calibration flags below)")
+    p.add_argument("--table", help="distance table from `ray-prune profile` for similarity, or of metric "
+                   "block_influence for that strategy (none: profile now, with the calibration flags below)")
     add_settings(p, CalibrationConfig)
     _common(p)
 

@@ -22,14 +22,45 @@ def _calibration_config(args):
     return settings_from_args(CalibrationConfig, args).validate()
 
 
-def _calibration(args, model, tok):
+def _calibration(args, model, tok, metric: str | None = None):
+    """The distance table of the calibration flags (of ``metric`` where a strategy needs its own)."""
     from ray_prune.core.data import load_texts
     from ray_prune.core.profile import profile
 
     cal = _calibration_config(args)
     texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=args.data_dir)
-    return profile(model, tok, texts, metric=cal.metric, batch_size=cal.batch_size, max_length=cal.max_length,
-                   model_id=args.model, progress=not args.quiet)
+    return profile(model, tok, texts, metric=metric or cal.metric, batch_size=cal.batch_size,
+                   max_length=cal.max_length, model_id=args.model, progress=not args.quiet)
+
+
+def _calibration_blocks(args, tok):
+    """The calibration text packed into blocks of ``max_length`` tokens: what greedy and the linear repair read,
+    as a sweep packs it (``sweep/profile_stage.py``, ``sweep/trial.py``)."""
+    from ray_prune.core.data import load_texts
+    from ray_prune.core.packing import pack_texts
+
+    cal = _calibration_config(args)
+    texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=args.data_dir)
+    return pack_texts(texts, tok, cal.max_length, max_blocks=cal.samples), cal.batch_size
+
+
+def _stage1(args, model, tok, n: int):
+    """What the strategy reads (``core.select.STAGE1_NEEDS``): a distance table (``--table``, or profiled now) or a
+    greedy removal order of n rounds; ``(table, order)``."""
+    from ray_prune.core.distance import DistanceTable
+    from ray_prune.core.select import STAGE1_NEEDS
+
+    kind, metric = STAGE1_NEEDS.get(args.strategy, (None, None))
+    if kind == "table":
+        return (DistanceTable.load(args.table) if args.table else _calibration(args, model, tok, metric)), None
+    if kind == "order":
+        from ray_prune.core.greedy import greedy_order
+        from ray_prune.core.packing import scored_bos
+
+        blocks, batch_size = _calibration_blocks(args, tok)
+        return None, greedy_order(model, blocks, bos=scored_bos(tok), batch_size=batch_size, max_remove=n,
+                                  progress=not args.quiet).order
+    return None, None
 
 
 def cmd_profile(args) -> int:
@@ -50,9 +81,8 @@ def cmd_profile(args) -> int:
 
 def cmd_prune(args) -> int:
     from ray_prune.core.architecture import num_layers
-    from ray_prune.core.distance import DistanceTable
     from ray_prune.core.prune import prune_layers
-    from ray_prune.core.select import layers_to_remove, n_from_fraction
+    from ray_prune.core.select import STAGE1_NEEDS, layers_to_remove, n_from_fraction
 
     if not args.out and not args.mergekit_config:
         raise UserError("prune needs somewhere to write", "pass --out DIR, --mergekit-config FILE, or both")
@@ -64,8 +94,16 @@ def cmd_prune(args) -> int:
                         "pass a file name, e.g. prune.yaml")
     if args.fraction is not None and not 0.0 <= args.fraction < 1.0:  # fail before loading anything
         raise UserError(f"fraction {args.fraction} is outside [0, 1)", "use a fraction of layers such as 0.25")
+    if args.repair != "none" and args.mergekit_config:
+        raise UserError(f"--repair {args.repair} changes weights, which a mergekit slicing config cannot express",
+                        "drop --mergekit-config (the repaired model is saved with --out), or --repair")
+    if args.repair != "none" and out is None:
+        raise UserError(f"--repair {args.repair} needs --out", "pass --out DIR for the repaired model")
+    if args.table and STAGE1_NEEDS.get(args.strategy, ("",))[0] != "table":
+        raise UserError(f"--table is read by the strategies that rank by a distance table, not {args.strategy}",
+                        "drop --table, or use --strategy similarity or block_influence")
     model = tok = None
-    if out is not None or (args.strategy == "similarity" and not args.table):
+    if out is not None or (STAGE1_NEEDS.get(args.strategy) and not args.table):
         model, tok = _load(args)
         L = num_layers(model)
     else:  # config only: the layer count is in the config, no weights needed
@@ -73,20 +111,26 @@ def cmd_prune(args) -> int:
 
         L = load_config(args.model, args.trust_remote_code).config.num_hidden_layers
     n = n_from_fraction(args.fraction, L) if args.fraction is not None else args.n
-    table = None
-    if args.strategy == "similarity":
-        table = DistanceTable.load(args.table) if args.table else _calibration(args, model, tok)
-    remove = layers_to_remove(args.strategy, L, n=n, table=table, layers=args.layers)
+    table, order = _stage1(args, model, tok, n) if n else (None, None)
+    remove = layers_to_remove(args.strategy, L, n=n, table=table, layers=args.layers, order=order)
     if args.mergekit_config:  # before the model is saved: a config mergekit cannot build fails fast
         from ray_prune.core.export import write_mergekit_config
 
         path = write_mergekit_config(args.mergekit_config, args.model, L, remove, args.dtype)
         print(f"mergekit config -> {path} (run: mergekit-yaml {path} OUT_DIR)")
     if out is not None:
-        prune_layers(model, remove)
+        if args.repair == "linear":
+            from ray_prune.core.repair import default_form, linear_repair
+
+            blocks, batch_size = _calibration_blocks(args, tok)
+            linear_repair(model, remove, blocks, batch_size=batch_size,
+                          form=args.repair_form or default_form(model.config))
+        else:
+            prune_layers(model, remove)
         model.config.layer_pruning["strategy"] = args.strategy
         _save_model(model, tok, out)
-    print(f"removed {len(remove)} of {L} layers {remove} ({args.strategy})" + (f" -> {out}" if out else ""))
+    how = args.strategy + (f", {args.repair} repair" if args.repair != "none" else "")
+    print(f"removed {len(remove)} of {L} layers {remove} ({how})" + (f" -> {out}" if out else ""))
     return 0
 
 

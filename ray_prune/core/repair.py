@@ -66,11 +66,10 @@ from torch import nn
 from ray_prune.core.architecture import decoder_layers, family_of, ffn_modules
 from ray_prune.core.prune import prune_layers
 from ray_prune.core.replay import record
-from ray_prune.core.select import check_layers
+from ray_prune.core.select import REPAIR_FORMS, check_layers
 from ray_prune.errors import UserError
 
-Form = Literal["full", "diagonal"]
-FORMS: tuple[str, ...] = ("full", "diagonal")
+Form = Literal["full", "diagonal"]  # REPAIR_FORMS
 DEFAULT_RIDGE = 1e-4
 # Families whose MLP output passes through this norm before the residual add; its scale is 1 + weight.
 POST_FFN_NORM: dict[str, str] = {"gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm"}
@@ -125,8 +124,8 @@ def check_linear_repair(config, form: str = "full", remove: Sequence[int] | None
     """Refuse, with the reason and a fix, a repair that cannot be folded exactly: what a sweep can check at plan
     time from the config (and, once they are chosen, the layers)."""
     model_type, _ = family_of(config)
-    if form not in FORMS:
-        raise UserError(f"unknown linear repair form {form!r}", f"use one of {', '.join(FORMS)}")
+    if form not in REPAIR_FORMS:
+        raise UserError(f"unknown linear repair form {form!r}", f"use one of {', '.join(REPAIR_FORMS)}")
     if form == "full" and model_type in POST_FFN_NORM:
         raise UserError(
             f"linear repair (full) cannot fold exactly into {model_type}: its MLP output passes through "
@@ -137,6 +136,17 @@ def check_linear_repair(config, form: str = "full", remove: Sequence[int] | None
             f"linear repair of a run starting at layer 0 folds into the token embedding, which this {model_type} "
             "model ties to its LM head: the fold would change the output layer too",
             "keep layer 0, or repair without it")
+
+
+def default_form(config) -> Form:
+    """The linear repair's form for a model: ReplaceMe's full d x d transform where it folds exactly into the
+    weights before the cut, else the per-channel scale (the one exact fold where the MLP output passes a norm
+    before the residual, as in Gemma-2/3). What a sweep and ``ray-prune prune --repair linear`` use by default."""
+    try:
+        check_linear_repair(config, "full", None)
+        return "full"
+    except UserError:
+        return "diagonal"
 
 
 def _output_projection(layer: nn.Module, name: str) -> tuple[str, nn.Linear]:

@@ -38,6 +38,8 @@ PLANNED_STRATEGIES: tuple[str, ...] = ("similarity", "deepest", "block_influence
 DEFAULT_STRATEGIES: tuple[str, ...] = ("similarity", "deepest")
 # Training-free repairs a sweep can apply right after pruning (core.repair): the other half of a method.
 REPAIRS: tuple[str, ...] = ("none", "linear")
+# The linear repair's transform (core.repair): ReplaceMe's full d x d map, or a per-channel scale.
+REPAIR_FORMS: tuple[str, ...] = ("full", "diagonal")
 # What each strategy needs from stage 1, computed once per model and calibration setting: a distance table of a
 # metric (None: the calibration's own), or a greedy removal order.
 STAGE1_NEEDS: dict[str, tuple[str, str | None]] = {"similarity": ("table", None),

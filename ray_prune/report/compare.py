@@ -5,8 +5,9 @@ The paired difference of two rows scored on the same questions (``core.evaluatio
 from the per-question differences, several times smaller than the unpaired one when most questions are answered
 alike; so a method that is one point better can be told from noise with the same number of questions. The C4
 loss needs no pairing: every row of a model is scored on the same held-out blocks. Cost is what the row's trial
-measured (device-seconds where it ran on GPUs, CPU wall seconds otherwise): the unhealed row's evaluation, the
-healed row's whole trial less the unhealed evaluation it ran (as the cost table counts it).
+measured (device-seconds where it ran on GPUs, CPU wall seconds otherwise), counted as what it takes to get that
+row alone: for an unhealed row, the trial's load, prune and repair (``load_s``) and the row's evaluation; for a
+healed row, the whole trial less the unhealed evaluation it also ran.
 """
 
 from __future__ import annotations
@@ -30,19 +31,38 @@ def method_label(strategy: Any, repair: Any) -> str:
     return strategy if not isinstance(repair, str) or repair in ("", "none") else f"{strategy} + {repair}"
 
 
-def _cost(row: pd.Series) -> float:
-    """The row's measured seconds on its device (GPU-seconds, else CPU wall seconds)."""
-    for col in ("gpu_s", "wall_s"):
-        v = pd.to_numeric(pd.Series([row.get(col)]), errors="coerce").iloc[0]
-        if pd.notna(v) and v > 0:
-            return float(v)
-    return math.nan
+def _seconds(row: pd.Series | None, col: str) -> float:
+    v = pd.to_numeric(pd.Series([None if row is None else row.get(col)]), errors="coerce").iloc[0]
+    return float(v) if pd.notna(v) else math.nan
 
 
-def _records(questions: pd.DataFrame, cell_id: str) -> list[dict]:
+def row_costs(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """``{(cell_id, stage): seconds}``: what getting each unhealed or healed row alone cost (see the module's
+    docstring), in device-seconds where the trial ran on GPUs (``gpu_s / wall_s`` of the healed row scales wall
+    seconds), else in wall seconds. NaN where the rows lack the timings."""
+    out: dict[tuple[str, str], float] = {}
+    by_stage = {stage: {r["cell_id"]: r for _, r in g.iterrows()} for stage, g in rows.groupby("stage")}
+    healed, unhealed = by_stage.get("healed", {}), by_stage.get("unhealed", {})
+    for cell in set(healed) | set(unhealed):
+        h, u = healed.get(cell), unhealed.get(cell)
+        wall, gpu = _seconds(h, "wall_s"), _seconds(h, "gpu_s")
+        scale = gpu / wall if gpu > 0 and wall > 0 else 1.0
+        unhealed_eval = _seconds(u, "eval_s") if u is not None else 0.0
+        if u is not None:
+            load = _seconds(h, "load_s") if h is not None else math.nan
+            out[(cell, "unhealed")] = (load + unhealed_eval) * scale
+        if h is not None:
+            out[(cell, "healed")] = (wall - unhealed_eval) * scale
+    return out
+
+
+def _records(questions: pd.DataFrame, cell_id: str, stage: str) -> list[dict]:
+    """The per-question records of one row: a cell's unhealed and healed rows answer the same questions apart."""
     from ray_prune.ledger.questions import records_of
 
-    return records_of(questions[questions["cell_id"] == cell_id]) if len(questions) else []
+    if not len(questions):
+        return []
+    return records_of(questions[(questions["cell_id"] == cell_id) & (questions["stage"] == stage)])
 
 
 def method_comparison(df: pd.DataFrame, questions: pd.DataFrame | None = None,
@@ -59,20 +79,22 @@ def method_comparison(df: pd.DataFrame, questions: pd.DataFrame | None = None,
     questions = questions if questions is not None else pd.DataFrame()
     tasks = [t for t in TASKS if f"{t}_{TASKS[t].main_metric}" in rows
              and rows[f"{t}_{TASKS[t].main_metric}"].notna().any()]
+    costs = row_costs(rows)
     out = []
     for (model, n), group in rows.groupby(["model", "n"], sort=True):
         ref = group[(group["strategy"] == reference[0]) & (group["repair"] == reference[1])
                     & (group["stage"] == reference[2])]
         ref = ref.iloc[0] if len(ref) else None
-        ref_records = _records(questions, ref["cell_id"]) if ref is not None else []
+        ref_records = _records(questions, ref["cell_id"], ref["stage"]) if ref is not None else []
         for _, r in group.iterrows():
             entry: dict[str, Any] = {"model": model, "n": int(n), "fraction_removed": fraction_key(r["_f"]),
                                      "method": method_label(r["strategy"], r["repair"]), "stage": r["stage"],
-                                     "c4_loss_norm": r["c4_loss_norm"], "cost_s": _cost(r),
+                                     "c4_loss_norm": r["c4_loss_norm"],
+                                     "cost_s": costs.get((r["cell_id"], r["stage"]), math.nan),
                                      "is_reference": ref is not None and r["cell_id"] == ref["cell_id"]}
             if ref is not None:
                 entry["c4_loss_norm_diff"] = r["c4_loss_norm"] - ref["c4_loss_norm"]
-            records = _records(questions, r["cell_id"]) if ref_records else []
+            records = _records(questions, r["cell_id"], r["stage"]) if ref_records else []
             for t in tasks:
                 metric = TASKS[t].main_metric
                 entry[t] = r[f"{t}_{metric}"]

@@ -132,20 +132,6 @@ def load_pruned(cell: Cell, how: Scoring, gpus: float = 0.0, data_dir: str | Non
     return model, tok, family
 
 
-def repair_form(config) -> str:
-    """The linear repair's form for a model: ReplaceMe's full d x d transform where it folds exactly into the
-    weights before the cut, else the per-channel scale (``core.repair``: the one exact fold where the MLP output
-    passes a norm before the residual, as in Gemma-2/3)."""
-    from ray_prune.core.repair import check_linear_repair
-    from ray_prune.errors import UserError
-
-    try:
-        check_linear_repair(config, "full", None)
-        return "full"
-    except UserError:
-        return "diagonal"
-
-
 def repair_pruned(cell: Cell, how: Scoring, gpus: float, data_dir: str | None, source=None):
     """A repaired cell's model: loaded in full precision (a fold changes weights, which NF4 cannot take), pruned
     and repaired on the cell's calibration text (``core.repair.linear_repair``), then, for a QLoRA cell, saved and
@@ -157,7 +143,7 @@ def repair_pruned(cell: Cell, how: Scoring, gpus: float, data_dir: str | None, s
     from ray_prune.core.data import load_texts
     from ray_prune.core.models import load_model
     from ray_prune.core.packing import pack_texts
-    from ray_prune.core.repair import linear_repair
+    from ray_prune.core.repair import default_form, linear_repair
 
     model, tok = load_model(cell.model, dtype=how.dtype, quantize="none", trust_remote_code=cell.trust_remote_code,
                             spread=gpus > 1)
@@ -165,7 +151,7 @@ def repair_pruned(cell: Cell, how: Scoring, gpus: float, data_dir: str | None, s
     cal = CalibrationConfig.from_dict(cell.calibration)
     texts = load_texts("calibration", cal.samples, dataset=cal.dataset, data_dir_path=data_dir, source=source)
     blocks = pack_texts(texts, tok, cal.max_length, max_blocks=cal.samples)
-    linear_repair(model, cell.removed_layers, blocks, batch_size=cal.batch_size, form=repair_form(model.config))
+    linear_repair(model, cell.removed_layers, blocks, batch_size=cal.batch_size, form=default_form(model.config))
     if how.quantize == "nf4":
         with tempfile.TemporaryDirectory(prefix="ray-prune-repaired-") as tmp:
             model.save_pretrained(tmp)
