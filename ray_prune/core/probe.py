@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ray_prune.core.memory.terms import Workload
+from ray_prune.core.memory.workload import Workload
 
 PROBE_DIR = "probes"  # under core.bundled.cache_dir()
 SLICE_S = 2.0  # seconds each timed pass aims for, after a short untimed and a short estimating pass
@@ -185,22 +185,7 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
     how["forward"] = f"next_token_loss, {rows} x {n} tokens in {s:.2f} s"
 
     if ev.tasks:
-        from ray_prune.core.evaluation.loglikelihood import score_continuations
-
-        limits = ev.limits()
-        shapes = [cost.task_tokens(task, shots)[0] for task, shots in ev.shots().items()]
-        counts = [min(tt.questions, limits[task] or tt.questions) for tt, task in zip(shapes, ev.shots())]
-        L = max(2, round(sum(tt.length * q for tt, q in zip(shapes, counts)) / sum(counts)))  # the questions' mean
-        answers = [[int(i)] for i in torch.randint(0, vocab, (4,), generator=gen)]
-
-        def score(rows: int, n: int) -> None:
-            requests = [(("", ""), ctx, a) for ctx in blocks(rows, n).tolist() for a in answers]
-            score_continuations(net, requests, max(n + 2, arch.max_length), ev.batch_size, dev)
-
-        rates["score"], rows, n, s = _timed(
-            score, lambda r, n: r * (n * cost.forward_flops(arch, arch.layers, n, head=False) + cost.head_flops(arch)),
-            4 * ev.batch_size, L)
-        how["score"] = f"{rows} questions of {n} tokens, 4 one-token answers, in {s:.2f} s"
+        rates["score"], how["score"] = _score_rate(net, arch, ev, blocks, dev)
 
     rates["table"], how["table"] = _table_rate(net, model, workload, dev, scored, rates["forward"], how["forward"],
                                                trust_remote_code)
@@ -208,15 +193,43 @@ def probe(model: str, workload: Workload, device: Any = None, trust_remote_code:
         rates["train"], how["train"] = _train_rate(net, tok, model, workload, dev, dtype, scored, rates["forward"],
                                                    trust_remote_code)
     result = Probe(model, name, precision, rates, how, time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if use_cache:
-        path = cache_path(model, name, precision)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from ray_prune.core.atomic import write_text
+    return _store(result) if use_cache else result
 
-        data = {k: v for k, v in asdict(result).items() if k not in ("cached", "path")}
-        write_text(path, json.dumps(data, indent=1))
-        result = replace(result, path=str(path))
-    return result
+
+def _store(result: Probe) -> Probe:
+    """Write a probe's rates to its cache file (atomically); the result with its path."""
+    from ray_prune.core.atomic import write_text
+
+    path = cache_path(result.model, result.device, result.precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in asdict(result).items() if k not in ("cached", "path")}
+    write_text(path, json.dumps(data, indent=1))
+    return replace(result, path=str(path))
+
+
+def _score_rate(net, arch, ev, blocks, dev) -> tuple[float, str]:
+    """Continuation scoring as the harness runs it: contexts of the asked tasks' mean question length (at their
+    limits), 4 one-token answers each; FLOPs counted with the LM head on the scored positions only."""
+    import torch
+
+    from ray_prune.core import cost
+    from ray_prune.core.evaluation.loglikelihood import score_continuations
+
+    limits = ev.limits()
+    shapes = [cost.task_tokens(task, shots)[0] for task, shots in ev.shots().items()]
+    counts = [min(tt.questions, limits[task] or tt.questions) for tt, task in zip(shapes, ev.shots())]
+    L = max(2, round(sum(tt.length * q for tt, q in zip(shapes, counts)) / sum(counts)))  # the questions' mean
+    answers = [[int(i)] for i in torch.randint(0, int(net.config.vocab_size), (4,),
+                                               generator=torch.Generator().manual_seed(1))]
+
+    def score(rows: int, n: int) -> None:
+        requests = [(("", ""), ctx, a) for ctx in blocks(rows, n).tolist() for a in answers]
+        score_continuations(net, requests, max(n + 2, arch.max_length), ev.batch_size, dev, logprobs=ev.logprobs)
+
+    rate, rows, n, s = _timed(
+        score, lambda r, n: r * (n * cost.forward_flops(arch, arch.layers, n, head=False) + cost.head_flops(arch)),
+        4 * ev.batch_size, L)
+    return rate, f"{rows} questions of {n} tokens, 4 one-token answers, in {s:.2f} s"
 
 
 def _imports(quantize: str) -> None:

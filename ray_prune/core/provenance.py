@@ -5,7 +5,8 @@ lm-eval version, a task's prompt or version, the batch size, acc against acc_nor
 (lm-eval issues 614, 887 and 1625), and nothing recorded which. So every result row records them: the code
 (the git commit of the checkout the package runs from, else its installed version), the library versions,
 each task's config as lm-eval reads it (hashed), its shots and the metric the report reads, the evaluation's
-batch size, seed and generation cap, the precision and quantization scored, and the device. The report and
+batch size, seed and generation cap, the precision and quantization scored, the precision of the log-softmax
+(``eval_logprobs``: fp32, or the model's dtype as lm-eval), and the device. The report and
 ``ray-prune status`` compare them across the rows they put side by side.
 
 Everything here is cheap, needs no network and imports neither torch nor lm-eval (torch only to name a GPU,
@@ -41,6 +42,7 @@ FIELDS: dict[str, type] = {
     "eval_batch_size": int,  # sequences per forward pass: padding and kernel choice move scores slightly
     "eval_max_gen_toks": int,  # generation cap of generative tasks (null: each task's own)
     "eval_seed": int,  # which questions a limit samples, and the few-shot exemplars' order
+    "eval_logprobs": str,  # the log-softmax's precision: "fp32" (ray-prune's) or "model" (the model's dtype, lm-eval's)
     "quantization": str,  # how the scored base was loaded: "nf4" or "none"
     "device_name": str,  # the GPU's name, or the CPU's model and the instruction sets that pick its kernels
 }
@@ -225,8 +227,8 @@ def eval_provenance(eval_config: EvalConfig, eval_precision: str | None, quantiz
         "code_version": code_version(),
         **{f"{name}_version": v for name, v in library_versions().items()},
         "eval_batch_size": eval_config.batch_size, "eval_max_gen_toks": eval_config.max_gen_toks,
-        "eval_seed": eval_config.seed, "eval_precision": eval_precision, "quantization": quantization,
-        "device_name": device_name(device),
+        "eval_seed": eval_config.seed, "eval_logprobs": eval_config.logprobs, "eval_precision": eval_precision,
+        "quantization": quantization, "device_name": device_name(device),
     }
     for task, n in shots.items():
         out |= {f"{task}_shots": n, task_field(task, "config_hash"): hashes[task],

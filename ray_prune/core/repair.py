@@ -252,6 +252,53 @@ def _fold(module: nn.Module, kind: str, T: torch.Tensor) -> None:
     weight.copy_(new.to(weight.dtype))
 
 
+def _check_inputs(blocks: torch.Tensor, batch_size: int, ridge: float) -> None:
+    if not (isinstance(ridge, (int, float)) and ridge >= 0):
+        raise UserError(f"ridge must be >= 0, got {ridge!r}", "use a small ridge such as 1e-4")
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2 or batch_size < 1:
+        raise UserError(f"expected (num_blocks, seq_len >= 2) token blocks and batch_size >= 1, got "
+                        f"{tuple(blocks.shape)} and {batch_size}", "pack calibration texts with packing.pack_texts")
+
+
+def _full_model_streams(layers, batches: list, runs: list[tuple[int, int]]):
+    """From the unpruned model: the targets x^e of every run (by its end e), and the stream entering block i-1 of
+    the first run (i its start), where the pruned stream starts; ``(entering, i - 1, targets)``."""
+    ends = {end for _, end in runs}
+    first = max(runs[0][0] - 1, 0) if runs else 0
+    targets: dict[int, list[torch.Tensor]] = {}
+    streams = [b.x0 for b in batches]
+    entering = streams
+    for l in range(max(ends, default=0)):
+        streams = [b.run(layers, l, h) for b, h in zip(batches, streams)]
+        if l + 1 == first:
+            entering = streams
+        if l + 1 in ends:
+            targets[l + 1] = streams
+    return entering, first, targets
+
+
+def _normal_equations(layers, batches: list, hidden: list, targets: list, start: int, module: nn.Module,
+                      form: str) -> _Normal:
+    """The least-squares problem of one run: what the fold site outputs (m) against what it should output for the
+    stream after the cut to be the unpruned model's (target - x + m), over every calibration batch."""
+    normal = _Normal(batches[0].x0.shape[-1], batches[0].x0.device, diagonal=form == "diagonal")
+    if start == 0:
+        for x0, target in zip(hidden, targets):
+            normal.add(x0, target)  # x^i = m = x^0, y = 0
+        return normal
+    captured: list[torch.Tensor] = []  # m of the batch running, from a hook on the fold site
+    handle = module.register_forward_hook(lambda mod, args, out, sink=captured: sink.append(out))
+    try:
+        for b, h, target in zip(batches, hidden, targets):
+            captured.clear()
+            x = b.run(layers, start - 1, h)
+            m = captured[0]
+            normal.add(m, target.to(x.device) - x + m)
+    finally:
+        handle.remove()
+    return normal
+
+
 @torch.no_grad()
 def linear_repair(
     model: nn.Module,
@@ -279,11 +326,7 @@ def linear_repair(
     L = len(layers)
     drop = check_layers(remove, L)
     check_linear_repair(model.config, form, None)
-    if not (isinstance(ridge, (int, float)) and ridge >= 0):
-        raise UserError(f"ridge must be >= 0, got {ridge!r}", "use a small ridge such as 1e-4")
-    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2 or batch_size < 1:
-        raise UserError(f"expected (num_blocks, seq_len >= 2) token blocks and batch_size >= 1, got "
-                        f"{tuple(blocks.shape)} and {batch_size}", "pack calibration texts with packing.pack_texts")
+    _check_inputs(blocks, batch_size, ridge)
     runs = contiguous_runs(drop)
     sites = [_fold_site(model, layers, start, form) for start, _ in runs]
     for path, module, _ in sites:
@@ -294,39 +337,12 @@ def linear_repair(
     tokens = 0
     try:
         batches = record(model, blocks, batch_size) if runs else []
-        # Targets x^e of every run, and the stream entering block i-1 of the first run, from the full model.
-        ends = {end for _, end in runs}
-        first = max(runs[0][0] - 1, 0) if runs else 0
-        targets: dict[int, list[torch.Tensor]] = {}
-        streams = [b.x0 for b in batches]
-        entering = streams
-        for l in range(max(ends, default=0)):
-            streams = [b.run(layers, l, h) for b, h in zip(batches, streams)]
-            if l + 1 == first:
-                entering = streams
-            if l + 1 in ends:
-                targets[l + 1] = streams
-        del streams
-
+        entering, first, targets = _full_model_streams(layers, batches, runs)
         hidden, position = entering, first  # the pruned stream entering block ``position``
         for (start, end), (path, module, kind) in zip(runs, sites):
             for l in range(position, start - 1):  # kept blocks between the previous run and this one
                 hidden = [b.run(layers, l, h) for b, h in zip(batches, hidden)]
-            normal = _Normal(batches[0].x0.shape[-1], batches[0].x0.device, diagonal=form == "diagonal")
-            if start == 0:
-                for x0, target in zip(hidden, targets[end]):
-                    normal.add(x0, target)  # x^i = m = x^0, y = 0
-            else:
-                captured: list[torch.Tensor] = []  # m of the batch running, from a hook on the fold site
-                handle = module.register_forward_hook(lambda mod, args, out, sink=captured: sink.append(out))
-                try:
-                    for b, h, target in zip(batches, hidden, targets[end]):
-                        captured.clear()
-                        x = b.run(layers, start - 1, h)
-                        m = captured[0]
-                        normal.add(m, target.to(x.device) - x + m)
-                finally:
-                    handle.remove()
+            normal = _normal_equations(layers, batches, hidden, targets[end], start, module, form)
             T = normal.solve(ridge)
             fits.append(RunFit(start, end, path, normal.error(normal.identity()), normal.error(T), T.cpu()))
             _fold(module, kind, T)

@@ -13,9 +13,10 @@ DuckDB, Polars and Ray Data read directly. Columns come from their owners:
 - ``<task>_<metric>``, ``<task>_<metric>_stderr``, ``<task>_n``, ``<task>_shots``: one set per task of
   the registry (``core/evaluation/tasks.py``) and per metric its YAML lists;
 - ``<task>_config_hash``, ``<task>_metric``: one pair per task of the registry, and the provenance columns
-  (``code_version``, library versions, evaluation batch size, seed and generation cap, ``quantization``,
-  ``device_name``): what :func:`~ray_prune.core.provenance.eval_provenance` returns (``core/provenance.py`` says
-  what each means); :data:`PROVENANCE_COLUMNS` lists every column two compared rows should agree on;
+  (``code_version``, library versions, evaluation batch size, seed, generation cap and log-softmax precision,
+  ``quantization``, ``device_name``): what :func:`~ray_prune.core.provenance.eval_provenance` returns
+  (``core/provenance.py`` says what each means); :data:`PROVENANCE_COLUMNS` lists every column two compared
+  rows should agree on;
 - ``c4_*``: what :func:`~ray_prune.core.loss.c4_loss` returns;
 - heal progress, the heal curve (one list entry per evaluation) and cost: declared here.
 

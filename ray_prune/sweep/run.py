@@ -70,25 +70,13 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
                  exit_on_interrupt):
     from ray_prune.sweep.cell_feed import CellFeed
     from ray_prune.sweep.cluster import connect, trial_resources
-    from ray_prune.sweep.order import trial_cost
     from ray_prune.sweep.outcomes import record_outcomes
-    from ray_prune.sweep.profile_stage import Stage1, load_stage1
+    from ray_prune.sweep.profile_stage import Stage1
     from ray_prune.sweep.progress import ProgressView
-    from ray_prune.sweep.trial import fold_identical
     from ray_prune.sweep.tune_run import make_scheduler, run_tune
 
     exp, store = p.experiment, p.storage
-    # Every cell in full, so what the sweep expects is read from storage, never rebuilt (report/, status).
-    save_experiment_record(store, exp.name, {"experiment": exp.model_dump(mode="json"), "layers": p.layers,
-                                             "cells": [c.to_dict() for c in p.cells],
-                                             "code_version": p.code_version})
-    say = print if progress else (lambda *a, **k: None)
-    if p.storage_note:
-        say(p.storage_note)
-    say(f"{exp.name}: {len(p.cells)} cells, {len(p.cells) - len(p.pending)} already done, "
-        f"{len(p.pending)} to run -> {store.uri}")
-    for line in p.summary():
-        say(line)
+    say = _announce(p, progress)
     if not p.pending:
         return load_results(store.uri)
 
@@ -104,25 +92,8 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
     for c in p.pending:
         totals[c.model] = totals.get(c.model, 0) + 1
     view = ProgressView(totals, enabled=progress, costs={}, tick=stage1.drain)
-
-    said_repairs: list[bool] = []
-
-    def build(model: str, profiled) -> list:
-        """A model's trials, once its stage 1 ended: its cells with their layers chosen, identical ones folded."""
-        tables = load_stage1(p, model)
-        specs = fold_identical([_trial_spec(c, p, profiled, tables, cpus, per_model[model]["trial"])
-                                for c in p.pending if c.model == model])
-        if _write_mergekit_configs(store, specs, p, say) and not said_repairs:
-            said_repairs.append(True)
-            say(NO_MERGEKIT_FOR_REPAIRS)
-        folded = sum(len(s.twins) for s in specs)
-        say(f"stage 2 for {model}: {len(specs)} trial(s)" + (f" ({folded} cell(s) computed by an identical "
-                                                              "cell's trial)" if folded else ""))
-        view.set_total(model, len(specs))
-        view.costs.update({s.cell.cell_id: trial_cost(s.cell, s.do_unhealed, p.models.get(model)) for s in specs})
-        return specs
-
-    feed = CellFeed(stage1, build, cost=lambda s: view.costs.get(s.cell.cell_id, 0.0))
+    feed = CellFeed(stage1, _trial_builder(p, per_model, cpus, view, say),
+                    cost=lambda s: view.costs.get(s.cell.cell_id, 0.0))
     scheduler = make_scheduler(exp, p.pending)
     already = len(p.cells) - len(p.pending)
 
@@ -149,6 +120,49 @@ def _run_planned(p: Plan, rerun: bool, progress: bool, num_cpus: int | None, int
         done = record_outcomes(store, view, getattr(scheduler, "stopped", set()), interrupts.at)
     interrupts.check(already + done, len(p.cells))
     return load_results(store.uri)
+
+
+def _announce(p: Plan, progress: bool):
+    """Record every cell in full in storage (what report/ and status read, never rebuilding the grid) and print
+    what will run; returns the printer the sweep speaks through (silent without ``progress``)."""
+    exp, store = p.experiment, p.storage
+    save_experiment_record(store, exp.name, {"experiment": exp.model_dump(mode="json"), "layers": p.layers,
+                                             "cells": [c.to_dict() for c in p.cells],
+                                             "code_version": p.code_version})
+    say = print if progress else (lambda *a, **k: None)
+    if p.storage_note:
+        say(p.storage_note)
+    say(f"{exp.name}: {len(p.cells)} cells, {len(p.cells) - len(p.pending)} already done, "
+        f"{len(p.pending)} to run -> {store.uri}")
+    for line in p.summary():
+        say(line)
+    return say
+
+
+def _trial_builder(p: Plan, per_model: dict, cpus: int, view, say):
+    """The function that turns a model's stage-1 result into its trials (``CellFeed`` calls it per model)."""
+    from ray_prune.sweep.order import trial_cost
+    from ray_prune.sweep.profile_stage import load_stage1
+    from ray_prune.sweep.trial import fold_identical
+
+    said_repairs: list[bool] = []
+
+    def build(model: str, profiled) -> list:
+        """A model's trials, once its stage 1 ended: its cells with their layers chosen, identical ones folded."""
+        tables = load_stage1(p, model)
+        specs = fold_identical([_trial_spec(c, p, profiled, tables, cpus, per_model[model]["trial"])
+                                for c in p.pending if c.model == model])
+        if _write_mergekit_configs(p.storage, specs, p, say) and not said_repairs:
+            said_repairs.append(True)
+            say(NO_MERGEKIT_FOR_REPAIRS)
+        folded = sum(len(s.twins) for s in specs)
+        say(f"stage 2 for {model}: {len(specs)} trial(s)" + (f" ({folded} cell(s) computed by an identical "
+                                                              "cell's trial)" if folded else ""))
+        view.set_total(model, len(specs))
+        view.costs.update({s.cell.cell_id: trial_cost(s.cell, s.do_unhealed, p.models.get(model)) for s in specs})
+        return specs
+
+    return build
 
 
 def _gpus_per_model(p: Plan, gpus: float, say) -> dict[str, dict]:

@@ -574,7 +574,7 @@ def test_scoring_peak_on_cpu_matches_the_estimate(kind):
     keys and values across SmolLM2's 30 layers, so up to +30% here, +9% on Llama-2-7B). Measured: +24% with
     answer letters, +5% with longer continuations."""
     from ray_prune.core.evaluation.loglikelihood import score_continuations
-    from ray_prune.core.memory.terms import scoring_bytes
+    from ray_prune.core.memory.evaluation import scoring_bytes
     from ray_prune.core.models import load_model
 
     model, _ = load_model("smollm2-135m", dtype="fp32", device="cpu")
@@ -590,7 +590,7 @@ def test_generation_peak_on_cpu_matches_the_estimate():
     """lm-eval's ``generate_until`` calls ``model.generate`` on left-padded contexts with an attention mask:
     its peak over the weights (SmolLM2 fp32, batch 2 x 128 context tokens, 8 generated) against the estimate.
     Measured: +0%; the prefill peaks, and the estimate adds the generated tokens' cache to it (+12% with 32)."""
-    from ray_prune.core.memory.terms import generation_bytes
+    from ray_prune.core.memory.evaluation import generation_bytes
     from ray_prune.core.models import load_model
 
     model, _ = load_model("smollm2-135m", dtype="fp32", device="cpu")

@@ -127,13 +127,16 @@ def test_each_mmlu_subject_counts(tmp_path):
 
 
 def test_eval_provenance_values():
-    config = EvalConfig.from_dict({"tasks": {"boolq": None, "gsm8k": 3}, "batch_size": 2, "max_gen_toks": 64})
+    config = EvalConfig.from_dict({"tasks": {"boolq": None, "gsm8k": 3}, "batch_size": 2, "max_gen_toks": 64,
+                                   "logprobs": "model"})
     values = provenance.eval_provenance(config, "nf4+fp32", "nf4", "cpu")
     hashes = provenance.task_config_hashes(["boolq", "gsm8k"])
     assert values["code_version"] == provenance.code_version()
     assert {k: values[f"{k}_version"] for k in provenance.LIBRARIES} == provenance.library_versions()
     assert (values["eval_batch_size"], values["eval_max_gen_toks"], values["eval_seed"]) == (2, 64, config.seed)
     assert (values["eval_precision"], values["quantization"]) == ("nf4+fp32", "nf4")
+    assert values["eval_logprobs"] == "model"  # the config's, not the default's
+    assert provenance.eval_provenance(EvalConfig(), "bf16", "none", None)["eval_logprobs"] == "fp32"
     assert values["device_name"] == provenance.device_name("cpu")
     assert (values["boolq_shots"], values["gsm8k_shots"]) == (TASKS["boolq"].shots, 3)
     assert values["gsm8k_config_hash"] == hashes["gsm8k"] and values["boolq_config_hash"] == hashes["boolq"]

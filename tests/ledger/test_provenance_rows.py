@@ -57,7 +57,7 @@ def test_rows_carry_every_provenance_column(tmp_path):
         assert (scored[f"{name}_version"] == v).all()
     assert (scored["device_name"] == provenance.device_name("cpu")).all()
     assert (scored["eval_batch_size"] == 2).all() and (scored["eval_seed"] == 7).all()
-    assert (scored["eval_max_gen_toks"] == 64).all()
+    assert (scored["eval_max_gen_toks"] == 64).all() and (scored["eval_logprobs"] == "fp32").all()
     assert (scored["boolq_config_hash"] == provenance.task_config_hashes(["boolq"])["boolq"]).all()
     assert (scored["boolq_metric"] == TASKS["boolq"].main_metric).all()
     # the quantization of what was scored: the baseline's NF4 base too, though its cell is built without scored_as

@@ -17,6 +17,11 @@ from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, resolve_tasks,
 from ray_prune.core.settings import Settings, is_int, need, setting
 from ray_prune.errors import UserError
 
+# The precision a continuation's log-probabilities are taken in (``loglikelihood.score_continuations``): "fp32",
+# ray-prune's, the log-softmax of the logits cast to fp32 whatever the model's dtype; "model", lm-eval's (its HF
+# wrapper's ``softmax_dtype`` unset), in the model's dtype, bf16 on a GPU, and summed in it.
+LOGPROBS = ("fp32", "model")
+
 
 @dataclass(frozen=True)
 class TaskSettings:
@@ -62,6 +67,11 @@ class EvalConfig(Settings):
     batch_size: int = setting(8, "sequences per forward pass: memory and speed, not the result")
     seed: int = setting(1234, "which questions a limit samples, and the order of few-shot exemplars",
                         identity="if_changed")
+    logprobs: str = setting(
+        "fp32", "precision of the continuations' log-softmax: fp32 whatever the model's dtype (ray-prune's), or "
+        "model, the model's dtype as lm-eval takes it, to reproduce lm-eval's numbers (in bf16 they keep 8 "
+        "significant bits of a score: up to 0.16 nats off on scores near -54)", identity="if_changed",
+        choices=LOGPROBS)
 
     @classmethod
     def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +136,9 @@ class EvalConfig(Settings):
         need(is_int(self.batch_size) and self.batch_size >= 1, "eval",
              f"batch_size must be > 0, got {self.batch_size!r}", "set batch_size to a positive integer")
         need(is_int(self.seed), "eval", f"seed must be an integer, got {self.seed!r}", "set seed to an integer")
+        need(self.logprobs in LOGPROBS, "eval", f"logprobs must be one of {', '.join(LOGPROBS)}, got "
+             f"{self.logprobs!r}", "use logprobs: fp32 (ray-prune's default) or model (lm-eval's precision, to "
+             "reproduce its numbers)")
         return self
 
 

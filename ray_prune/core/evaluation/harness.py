@@ -67,7 +67,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ray_prune.core.data import data_dir as resolve_data_dir
-from ray_prune.core.evaluation.config import DEFAULT, EvalConfig
+from ray_prune.core.evaluation.config import DEFAULT, LOGPROBS, EvalConfig
 from ray_prune.core.evaluation.overlay import load_tasks, local_subtask_sizes
 from ray_prune.core.evaluation.paired import QuestionRecord, mean_stderr
 from ray_prune.core.evaluation.tasks import DEFAULT_TASKS, TASKS, resolve_tasks
@@ -139,11 +139,12 @@ def _quiet_lm_eval() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _lm(model, tokenizer, batch_size: int, progress: bool):
+def _lm(model, tokenizer, batch_size: int, progress: bool, logprobs: str = DEFAULT.logprobs):
     """lm-eval's HF wrapper around the in-memory model (PEFT-wrapped and 4-bit models included).
 
     lm-eval tokenizes and builds the requests; the continuations are scored by
-    ``score_continuations``, which runs the LM head only on the scored positions.
+    ``score_continuations``, which runs the LM head only on the scored positions
+    and takes the log-softmax in the precision ``logprobs`` names.
     Generation (``generate_until``: GSM8K) is lm-eval's own, so what a generative
     task scores is exactly what ``lm_eval --model hf`` would; only its progress
     bar follows ``progress``."""
@@ -154,7 +155,8 @@ def _lm(model, tokenizer, batch_size: int, progress: bool):
     class _HFLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             answers = score_continuations(self.model, requests, self.max_length, int(override_bs or self.batch_size),
-                                          self.device, progress=progress and not disable_tqdm)
+                                          self.device, progress=progress and not disable_tqdm,
+                                          logprobs=logprobs)
             for (request, _, _), answer in zip(requests, answers):
                 if request is not None:
                     self.cache_hook.add_partial("loglikelihood", request, answer)
@@ -241,6 +243,7 @@ def evaluate_tasks(
     progress: bool = True,
     max_gen_toks: int | None = DEFAULT.max_gen_toks,
     records: list[QuestionRecord] | None = None,
+    logprobs: str = DEFAULT.logprobs,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on an in-memory model.
 
@@ -253,8 +256,10 @@ def evaluate_tasks(
     tokens a generative task generates per question (lm-eval's ``gen_kwargs``;
     None: the task's own). ``records``: a list that receives one
     :class:`~ray_prune.core.evaluation.paired.QuestionRecord` per question run,
-    for comparing two evaluations question by question. Bad task names, shots
-    or limits fail before any model work.
+    for comparing two evaluations question by question. ``logprobs``: the
+    precision of the continuations' log-softmax, "fp32" (whatever the model's
+    dtype) or "model" (its dtype, as lm-eval; ``EvalConfig.logprobs``). Bad task
+    names, shots, limits or precisions fail before any model work.
     """
     requested = resolve_tasks(tasks)
     root = resolve_data_dir(data_dir)
@@ -265,6 +270,9 @@ def evaluate_tasks(
     if max_gen_toks is not None and (isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int)
                                      or max_gen_toks < 1):
         raise UserError(f"max_gen_toks must be a positive integer or None, got {max_gen_toks!r}")
+    if logprobs not in LOGPROBS:
+        raise UserError(f"logprobs must be one of {', '.join(LOGPROBS)}, got {logprobs!r}",
+                        "use fp32 (ray-prune's default) or model (lm-eval's precision)")
 
     import lm_eval
 
@@ -274,7 +282,7 @@ def evaluate_tasks(
         model.eval()
         try:
             out = lm_eval.simple_evaluate(
-                model=_lm(model, tokenizer, batch_size, progress),
+                model=_lm(model, tokenizer, batch_size, progress, logprobs),
                 tasks=[loaded[t] for t in chosen],
                 task_manager=manager,  # else lm-eval builds one that indexes all its built-in tasks
                 samples=samples or None,
@@ -323,7 +331,8 @@ def evaluate(
     for limit, tasks in config.groups().items():
         for name, row in evaluate_tasks(model, tokenizer, tasks, limit=limit, data_dir=data_dir,
                                         batch_size=config.batch_size, seed=config.seed, progress=progress,
-                                        max_gen_toks=config.max_gen_toks, records=records).items():
+                                        max_gen_toks=config.max_gen_toks, records=records,
+                                        logprobs=config.logprobs).items():
             flat.update({f"{name}/{k}": v for k, v in row.items()})
     if config.c4_sequences:
         from ray_prune.core.loss import c4_loss

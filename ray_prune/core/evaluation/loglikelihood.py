@@ -43,6 +43,15 @@ request sees another's tokens.
 Requests that lm-eval's truncation cuts (context and continuation longer than
 ``max_length + 1`` tokens) run as one row each, as before: cut from the left
 by their own length, they no longer share a context.
+
+Precision (``logprobs``, ``EvalConfig.logprobs``): by default the log-softmax
+is taken in fp32 whatever the model's dtype ("fp32"), so a bf16 model's scores
+are those of its bf16 logits, not rounded again; lm-eval's HF wrapper takes it
+in the model's dtype (its ``softmax_dtype`` unset) and sums a continuation's
+log-probabilities in it too, which in bf16 rounds each token's to 8 significant
+bits and the sum again. "model" does what lm-eval does, to reproduce its numbers;
+"fp32" is what lm-eval gives with ``softmax_dtype=float32`` in its model_args
+(``tests/core/evaluation/test_loglikelihood.py`` measures both against lm-eval).
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ray_prune.core.evaluation.config import DEFAULT, LOGPROBS
+
 Request = tuple[tuple[str, str], list[int], list[int]]  # ((context, continuation), context ids, continuation ids)
 
 # Contexts that share fewer leading tokens run them each: a prefix costs a forward pass of its own (every forward
@@ -64,10 +75,16 @@ Request = tuple[tuple[str, str], list[int], list[int]]  # ((context, continuatio
 MIN_SHARED_PREFIX = 16
 
 
+def _log_softmax(logits: torch.Tensor, logprobs: str) -> torch.Tensor:
+    """Log-probabilities of ``logits`` in the precision ``logprobs`` names ("fp32", or the logits' own: "model")."""
+    return F.log_softmax(logits.float() if logprobs == "fp32" else logits, dim=-1)
+
+
 @torch.no_grad()
 def score_continuations(model, requests: Sequence[Request], max_length: int, batch_size: int,
                         device: torch.device, progress: bool = False, *,
-                        min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> list[tuple[float, bool]]:
+                        min_shared_prefix: int | None = MIN_SHARED_PREFIX,
+                        logprobs: str = DEFAULT.logprobs) -> list[tuple[float, bool]]:
     """(sum of continuation log-probabilities, whether greedy decoding gives the continuation) per request.
 
     Scores are lm-eval's for its inputs (context and continuation joined, cut
@@ -75,18 +92,23 @@ def score_continuations(model, requests: Sequence[Request], max_length: int, bat
     shared context and shared prefix computed once (module docstring).
     ``batch_size`` caps the rows of every forward pass. ``min_shared_prefix``:
     the fewest tokens that contexts must share to run them once (None: never).
+    ``logprobs``: "fp32" takes the log-softmax in fp32, "model" in the model's
+    dtype, as lm-eval does (module docstring).
     """
+    if logprobs not in LOGPROBS:
+        raise ValueError(f"logprobs must be one of {LOGPROBS}, got {logprobs!r}")
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="Scoring continuations", unit="request", disable=not progress)
     cut = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) > max_length + 1]
     if cut:
-        for i, answer in zip(cut, _score_full_rows(model, [requests[i] for i in cut], max_length, batch_size, device)):
+        for i, answer in zip(cut, _score_full_rows(model, [requests[i] for i in cut], max_length, batch_size, device,
+                                                     logprobs=logprobs)):
             results[i] = answer
         bar.update(len(cut))
     cut_set = set(cut)
     contexts = _contexts(requests, [i for i in range(len(requests)) if i not in cut_set])
     clusters, alone = _clusters(contexts, min_shared_prefix)
-    run = _Runner(model, requests, device, batch_size, results, bar)
+    run = _Runner(model, requests, device, batch_size, results, bar, logprobs)
     for chunk in _chunks(sorted(alone, key=_Context.order), batch_size):
         run.contexts(chunk, None)
     for group in _chunks(sorted(clusters, key=lambda c: -len(c.prefix)), batch_size):
@@ -220,9 +242,9 @@ class _Runner:
     """Forward passes over rows that extend cached pasts, and the scores of the requests they serve."""
 
     def __init__(self, model, requests: Sequence[Request], device: torch.device, batch_size: int,
-                 results: list, bar) -> None:
+                 results: list, bar, logprobs: str = DEFAULT.logprobs) -> None:
         self.model, self.requests, self.device, self.batch_size = model, requests, device, batch_size
-        self.results, self.bar = results, bar
+        self.results, self.bar, self.logprobs = results, bar, logprobs
         self.cache_keyword = _cache_keyword(model)
 
     def forward(self, rows: Sequence[Sequence[int]], scored: Sequence[tuple[int, int]], parent, keep: bool):
@@ -268,7 +290,7 @@ class _Runner:
         logits = self.model(batch, **kwargs).logits  # [scored positions, vocab]
         if logits.dim() == 3:  # a model that keeps every position: select them here
             logits = logits[mask]
-        logprobs = F.log_softmax(logits.float(), dim=-1)
+        logprobs = _log_softmax(logits, self.logprobs)
         return list(logprobs.split([hi - lo for lo, hi in scored])), (cache if keep else None), starts
 
     def contexts(self, contexts: list[_Context], parent) -> None:
@@ -317,11 +339,12 @@ def _groups(requests: Sequence[Request]) -> list[list[int]]:
 
 @torch.no_grad()
 def _score_full_rows(model, requests: Sequence[Request], max_length: int, batch_size: int,
-                     device: torch.device) -> list[tuple[float, bool]]:
+                     device: torch.device, *, logprobs: str = DEFAULT.logprobs) -> list[tuple[float, bool]]:
     """The scores with one row per distinct (context + continuation[:-1]), batched and cut as lm-eval does.
 
     What ``score_continuations`` does for requests that truncation cuts, and
-    the reference its tests compare the shared-context path against.
+    the reference its tests compare the shared-context path against. ``logprobs``:
+    as for ``score_continuations``.
     """
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     groups = _groups(requests)
@@ -343,10 +366,10 @@ def _score_full_rows(model, requests: Sequence[Request], max_length: int, batch_
         logits = model(batch, logits_to_keep=scored, use_cache=False).logits  # [scored positions, vocab]
         if logits.dim() == 3:  # a model that keeps every position: select them here
             logits = logits[scored]
-        logprobs = F.log_softmax(logits.float(), dim=-1)
+        scores = _log_softmax(logits, logprobs)
         offset = 0
         for group, (a, b) in zip(chunk, spans):
-            rows = logprobs[offset:offset + b - a]
+            rows = scores[offset:offset + b - a]
             offset += b - a
             greedy = rows.argmax(dim=-1)
             for i in group:

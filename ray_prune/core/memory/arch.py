@@ -17,7 +17,7 @@ from typing import Any, Literal
 from ray_prune.core.families import FAMILIES, dimension, flag
 from ray_prune.errors import UserError
 
-# Tensors an FFN activation saves, in units of c x intermediate per token (measured, see ``terms``).
+# Tensors an FFN activation saves, in units of c x intermediate per token (measured, see ``training``).
 _ACT_SAVES = {"silu": 1, "swish": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4, "gelu_fast": 4}
 
 

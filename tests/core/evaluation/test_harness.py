@@ -132,6 +132,11 @@ def test_unknown_task_is_a_user_error_before_any_model_work():
         evaluate_tasks(object(), object(), {"boolq": -1})
     with pytest.raises(UserError):
         evaluate_tasks(object(), object(), ["boolq"], limit=0)
+    with pytest.raises(UserError, match="logprobs must be one of fp32, model"):
+        evaluate_tasks(object(), object(), ["boolq"], logprobs="bf16")
+    with pytest.raises(UserError, match="logprobs must be one of fp32, model") as err:
+        evaluate(object(), object(), tasks=["boolq"], logprobs="float32")
+    assert "lm-eval" in err.value.fix
 
 
 def test_shots_default_per_task_and_local_mirror_refuses_exemplars_it_lacks(data_dir):

@@ -17,15 +17,23 @@ SmolLM2-135M and 1.1e-5 on Gemma-3-270M (scores down to -111), so 1e-4 is about
 three ulps of the largest score. A scorer that lets a token see a wrong one (a
 pad slot unmasked, a position shifted) is off by 1e-2 and more on these same
 models.
+
+Those comparisons run in fp32, where the log-softmax's precision is moot. In
+bf16 (the default on a GPU) it is not: lm-eval takes the log-softmax in the
+model's dtype and sums in it, keeping 8 significant bits of a score, where the
+scorer takes it in fp32 (``logprobs="fp32"``, the default) or, asked to, as
+lm-eval does (``logprobs="model"``): ``test_bf16_scores_against_lm_eval``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_model
 
 from ray_prune.core.evaluation.loglikelihood import _score_full_rows, score_continuations
@@ -214,6 +222,98 @@ def test_scores_follow_their_requests_in_any_order(real_requests):
     backward = score_continuations(model, real_requests[::-1], 2048, 4, CPU)
     assert [g for _, g in backward[::-1]] == [g for _, g in forward]
     assert [lp for lp, _ in backward[::-1]] == pytest.approx([lp for lp, _ in forward], abs=TOLERANCE, rel=0)
+
+
+# --------------------------------------------------------------------------- precision: bf16 against lm-eval
+
+# The largest difference between the default (fp32) scores of a bf16 model and lm-eval's, on ``_requests`` (scores
+# down to -54.5): measured 0.101 nats on the tiny Llama, 0.164 on the tiny Gemma-3.
+BF16_LM_EVAL_GAP = 0.2
+
+
+def _bf16_step(score: float) -> float:
+    """The spacing of bf16 numbers at ``score`` (8 significant bits): what lm-eval's bf16 sum rounds a score to."""
+    return 2.0 ** (math.floor(math.log2(abs(score))) - 7) if score else 0.0
+
+
+def _exact(model, requests: Sequence, max_length: int) -> list[float]:
+    """The scores of the model's own logits, rounded no further: one row per request (no batch to pad), the
+    log-softmax and the sum in fp64."""
+    out = []
+    for _, ctx, cont in requests:
+        ids = (ctx + cont)[-(max_length + 1):][:-1]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(ids) - len(cont):]
+        rows = F.log_softmax(logits.double(), dim=-1)
+        out.append(float(rows.gather(1, torch.tensor(cont)[:, None]).sum()))
+    return out
+
+
+def _gaps(ours, theirs) -> list[float]:
+    return [abs(a - b) for (a, _), (b, _) in zip(ours, theirs)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("max_length,batch_size", [(256, 5), (24, 3)])
+def test_bf16_scores_against_lm_eval(family, max_length, batch_size, tokenizer):
+    """A bf16 model, scored by lm-eval's HF path and by ours in either precision.
+
+    ``logprobs="model"`` reproduces lm-eval's numbers: measured bit-identical
+    on every request here, greedy flags too. The two paths run differently
+    shaped matmuls, so the bf16 logits can differ in their last bits, and
+    now and then a token's log-probability rounds the other way: on lm-eval's
+    own requests for the six tasks (``real_requests``, scores down to -390)
+    3 of 66 scores (Llama) and 1 of 66 (Gemma-3) differ, each by one bf16
+    step of the score. So: at most one request in ten may differ, by at most
+    one step.
+
+    ``logprobs="fp32"`` (the default) differs from lm-eval's on every request,
+    by up to 0.8 of a bf16 step of the score: measured 0.101 nats (Llama) and
+    0.164 (Gemma-3) here, 0.64 and 0.66 on ``real_requests``. It is the model's
+    own score: within 0.004 nats of the fp64 log-softmax of its bf16 logits
+    (``_exact``; the rest is bf16 logits that differ with the batch's shape),
+    where lm-eval's is 0.10 to 0.16 from it, some 40 times as far.
+    """
+    model = tiny_model(family).to(torch.bfloat16)
+    model.config.vocab_size = model.get_output_embeddings().weight.shape[0]
+    requests = _requests(tokenizer)
+    theirs = _lm_eval(model, tokenizer, requests, max_length, batch_size)
+    steps = [_bf16_step(lp) for lp, _ in theirs]
+
+    as_lm_eval = score_continuations(model, requests, max_length, batch_size, CPU, logprobs="model")
+    assert [g for _, g in as_lm_eval] == [g for _, g in theirs]
+    gaps = _gaps(as_lm_eval, theirs)
+    assert all(gap <= step for gap, step in zip(gaps, steps))
+    assert sum(gap > 0 for gap in gaps) <= len(gaps) // 10
+
+    ours = score_continuations(model, requests, max_length, batch_size, CPU)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    gaps = _gaps(ours, theirs)
+    assert all(gap <= step for gap, step in zip(gaps, steps)) and max(gaps) <= BF16_LM_EVAL_GAP
+    assert sum(gap > 0 for gap in gaps) > len(gaps) // 2  # lm-eval's rounding shows: the precisions differ
+
+    exact = _exact(model, requests, max_length)
+    ours_off = max(abs(a - e) for (a, _), e in zip(ours, exact))
+    theirs_off = max(abs(b - e) for (b, _), e in zip(theirs, exact))
+    assert ours_off <= 0.01 and theirs_off >= 10 * ours_off
+
+
+def test_harness_scores_in_the_precision_asked(tokenizer):
+    """``evaluate_tasks``' lm-eval wrapper hands ``logprobs`` to the scorer (a bf16 model, where it shows)."""
+    from ray_prune.core.evaluation.config import LOGPROBS
+    from ray_prune.core.evaluation.harness import _lm
+
+    model = tiny_model("llama", num_layers=2).to(torch.bfloat16)
+    model.config.vocab_size = model.get_output_embeddings().weight.shape[0]
+    requests = _requests(tokenizer)
+    got = {}
+    for logprobs in LOGPROBS:
+        lm = _lm(model, tokenizer, 4, False, logprobs)
+        got[logprobs] = lm._loglikelihood_tokens(requests)
+        assert got[logprobs] == score_continuations(model, requests, lm.max_length, 4, CPU, logprobs=logprobs)
+    assert got["fp32"] != got["model"]
+    with pytest.raises(ValueError, match="logprobs"):
+        score_continuations(model, requests, 256, 4, CPU, logprobs="bf16")
 
 
 # --------------------------------------------------------------------------- the bundled models
