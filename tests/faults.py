@@ -15,8 +15,8 @@ that started Ray). Nothing is wrapped unless one of the variables below is set.
   context: ``<stage>:<status>:<model>``).
 - ``RAY_PRUNE_TEST_KILL_ONCE=<dir>``: each (point, context) kills only once: a marker file in ``<dir>``
   is created first, so a retried trial survives.
-- ``RAY_PRUNE_TEST_SLOW="<text>:<seconds>"``: stage 1 of models whose name contains ``<text>`` first sleeps
-  that long, as a large model's profile would take.
+- ``RAY_PRUNE_TEST_SLOW="<text>:<seconds>[,<text>:<seconds>...]"``: stage 1 of models whose name contains
+  ``<text>`` first sleeps that long, as a large model's profile would take.
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ def _patch_profile_stage(module) -> None:
     def wrapped(exp_dict, spec_dict, *args, **kwargs):
         import time
 
-        text, _, seconds = os.environ.get(SLOW_ENV, "").rpartition(":")
-        if text and text in spec_dict["name"]:
-            time.sleep(float(seconds))
+        for spec in os.environ.get(SLOW_ENV, "").split(","):
+            text, _, seconds = spec.rpartition(":")
+            if text and text in spec_dict["name"]:
+                time.sleep(float(seconds))
         return profile_model(exp_dict, spec_dict, *args, **kwargs)
 
     module.profile_model = wrapped

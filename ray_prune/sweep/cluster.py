@@ -26,7 +26,19 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     else:
         # address="local": always a fresh embedded Ray, even where a `ray start` cluster runs on this machine
         # (attaching to it would reject num_cpus); clusters are reached through RAY_ADDRESS above.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, **kwargs)
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth.addFilter(_quiet_default_auth)
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, **kwargs)
+        finally:
+            auth.removeFilter(_quiet_default_auth)
+
+
+def _quiet_default_auth(record: logging.LogRecord) -> bool:
+    """Drop Ray's notice that token authentication is on (its safe default) for the embedded Ray a sweep starts
+    and stops itself: a first run's output should say what runs, not how Ray secures a private instance. The
+    warning that authentication is *off* still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def trial_resources(exp: Experiment) -> tuple[float, int]:

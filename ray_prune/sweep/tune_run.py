@@ -139,6 +139,12 @@ def tune_config(exp: Experiment, feed, scheduler, gpus: float):
                            max_concurrent_trials=exp.resources.max_concurrent, reuse_actors=not gpus)
 
 
+# Tune's variables for how long a trial list may wait before Tune guesses the cluster cannot run it (local, autoscaled).
+INSUFFICIENT_RESOURCE_GUESSES = ("TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S",
+                                 "TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S_AUTOSCALER")
+NEVER_S = 10 ** 9  # seconds: longer than any sweep
+
+
 def run_tune(exp: Experiment, store: Storage, feed, gpus: float, cpus: int, callbacks: list, scheduler):
     """Fit the trials ``feed`` gives; returns Tune's ResultGrid. What each trial did is read from ``callbacks``
     (the live view) and from the ``scheduler`` (which cells ASHA stopped); the experiment's trackers (``tracking``)
@@ -155,6 +161,12 @@ def run_tune(exp: Experiment, store: Storage, feed, gpus: float, cpus: int, call
     # An interrupted sweep stops its trials within seconds, not after their next report (Tune's default
     # waits up to 600 s): a trial killed mid-write leaves only a hidden temp file, never a partial row.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "2")
+    # The feed holds a model's trials back until its stage 1 ends, so the trial list is empty for as long as the
+    # first profile takes (hours for a 70B model). Tune reads a minute without trials as a cluster too small for
+    # them and, with none to name, fails on an IndexError (Ray 2.60, insufficient_resources_manager). Whether the
+    # cluster can run the trials was checked before they were asked for (cluster.trial_resources).
+    for name in INSUFFICIENT_RESOURCE_GUESSES:
+        os.environ[name] = str(NEVER_S)
     # Tune logs every trial failure with its traceback, every failed sync of its own state, and, on an interrupt,
     # how to resume with Tuner.restore (which ray-prune never uses, see run.py). The live view says what failed in
     # one line and the rows keep the errors, so Tune's own log stays quiet.

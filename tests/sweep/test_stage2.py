@@ -16,12 +16,13 @@ from ray_prune.sweep.experiment import parse_experiment
 
 @pytest.fixture(scope="module")
 def ray_local():
-    yield from faults.local_ray(**{SLOW_ENV: "slow-:90"})
+    yield from faults.local_ray(**{SLOW_ENV: "slow-:45,sleepy-:6"})
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, tokenizer):
-    root = save_tiny_models(tmp_path_factory.mktemp("models"), ["tiny-llama", "slow-llama"], tokenizer)
+    root = save_tiny_models(tmp_path_factory.mktemp("models"), ["tiny-llama", "slow-llama", "sleepy-llama"],
+                            tokenizer)
     # A model whose blocks 3 and 4 add nothing to the residual stream (their attention and FFN outputs are zero):
     # the most similar block of 2 is then 3-4, which is also the deepest block of 2 (the last layer kept). The
     # similarity and deepest cells at n = 2 compute the same thing.
@@ -74,7 +75,7 @@ def test_identical_cells_share_one_trial_and_each_gets_its_rows(ray_local, model
 
 
 def test_a_models_trials_start_before_another_models_stage1_ends(ray_local, models_dir, tmp_path):
-    """``slow-llama``'s stage 1 takes 90 s more: ``tiny-llama``'s trial runs meanwhile (its first row, the unhealed
+    """``slow-llama``'s stage 1 takes 45 s more: ``tiny-llama``'s trial runs meanwhile (its first row, the unhealed
     evaluation, is written before the slow model's baseline)."""
     spec = tiny_spec([str(models_dir / "slow-llama"), str(models_dir / "tiny-llama")], "staged", fractions=[0.5],
                      strategies=["deepest"])
@@ -83,6 +84,19 @@ def test_a_models_trials_start_before_another_models_stage1_ends(ray_local, mode
     fast, slow = str(models_dir / "tiny-llama"), str(models_dir / "slow-llama")
     assert finished[(fast, "unhealed")] < finished[(slow, "baseline")], finished
     assert set(df["status"]) == {"finished"} and len(df) == 6
+
+
+def test_a_long_first_stage_one_with_no_trial_yet_is_waited_for(ray_local, models_dir, tmp_path, monkeypatch):
+    """The only model's stage 1 takes 6 s, and Tune is told to give up on a trial list empty for 1 s (its default
+    is a minute: a 70B profile takes hours). Tune would take the empty list for a cluster too small for the trials
+    and fail on an IndexError; the sweep waits for its stage 1 instead."""
+    from ray_prune.sweep.tune_run import INSUFFICIENT_RESOURCE_GUESSES
+
+    for name in INSUFFICIENT_RESOURCE_GUESSES:
+        monkeypatch.setenv(name, "1")
+    spec = tiny_spec([str(models_dir / "sleepy-llama")], "sleepy", fractions=[0.5], strategies=["deepest"])
+    df = _run(spec, tmp_path / "store")
+    assert set(df["status"]) == {"finished"} and len(df) == 3
 
 
 def test_gpu_trials_run_one_process_each_cpu_trials_reuse_theirs():
