@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray_prune.sweep.interrupt import SweepInterrupted
 
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure") and not sys.stdout.isatty():
+        # Into a file or a pipe (a job's log, `| tee`), each line as it is printed, as in a terminal: progress read
+        # from a log is otherwise minutes behind, stuck in Python's block buffer.
+        sys.stdout.reconfigure(line_buffering=True)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
