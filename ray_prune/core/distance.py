@@ -24,6 +24,10 @@ from ray_prune.errors import UserError
 
 Metric = Literal["angular", "angular_all", "block_influence"]
 METRICS: tuple[str, ...] = ("angular", "angular_all", "block_influence")
+# The values each metric can take: an angle over pi is in [0, 1]; 1 - cos is in [0, 2] (2: opposite vectors,
+# which a block that flips the stream's direction reaches on real models).
+METRIC_RANGE: dict[str, tuple[float, float]] = {"angular": (0.0, 1.0), "angular_all": (0.0, 1.0),
+                                                "block_influence": (0.0, 2.0)}
 METADATA_KEY = "ray_prune.distance"  # the Parquet schema metadata that holds a table's facts
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from ray_prune.core.distance import DistanceTable
+from ray_prune.core.distance import METRIC_RANGE, DistanceTable
 from ray_prune.ledger.layout import TABLES, order_path, table_path
 from ray_prune.ledger.storage import Storage
 
@@ -55,8 +55,9 @@ def read_distance_table(storage: Storage, model: str, key: str) -> DistanceTable
     if arrow.num_rows != L * (L + 1) // 2:
         raise InvalidTable(f"{where} holds {arrow.num_rows} (l, n) pairs; a {L}-layer table has {L * (L + 1) // 2}")
     values = arrow.column("distance").to_pylist()
-    if not all(isinstance(v, float) and math.isfinite(v) and -1e-9 <= v <= 1 + 1e-9 for v in values):
-        raise InvalidTable(f"{where} holds distances outside [0, 1]")
+    low, high = METRIC_RANGE.get(table.metric, (0.0, 1.0))
+    if not all(isinstance(v, float) and math.isfinite(v) and low - 1e-9 <= v <= high + 1e-9 for v in values):
+        raise InvalidTable(f"{where} holds {table.metric} distances outside [{low:g}, {high:g}]")
     return table
 
 
