@@ -41,6 +41,8 @@ COMMANDS = [
     ["benchmarks/sweep_overhead.py", "experiments/smoke.yaml"],
     ["benchmarks/greedy_cost.py", "--blocks", "2", "--seq-len", "64", "--fraction", "0.25"],
     ["benchmarks/repair_cost.py", "--blocks", "16", "48", "--seq-len", "256"],
+    # the cost plan against the stage timings of the methods study, run on this machine (docs/study/methods/)
+    ["benchmarks/cost_vs_measured.py", "docs/study/methods/run", "experiments/methods.yaml"],
 ]
 ENV_KEYS = ("OMP_WAIT_POLICY", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
 
