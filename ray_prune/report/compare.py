@@ -41,18 +41,21 @@ def row_costs(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
     docstring), in device-seconds where the trial ran on GPUs (``gpu_s / wall_s`` of the healed row scales wall
     seconds), else in wall seconds. NaN where the rows lack the timings."""
     out: dict[tuple[str, str], float] = {}
-    by_stage = {stage: {r["cell_id"]: r for _, r in g.iterrows()} for stage, g in rows.groupby("stage")}
-    healed, unhealed = by_stage.get("healed", {}), by_stage.get("unhealed", {})
-    for cell in set(healed) | set(unhealed):
-        h, u = healed.get(cell), unhealed.get(cell)
+    healed = {r["cell_id"]: r for _, r in rows[rows["stage"] == "healed"].iterrows()}
+    unhealed = {r["cell_id"]: r for _, r in rows[rows["stage"] == "unhealed"].iterrows()}
+    # A trial writes its unhealed row under the pruned model's own id (``unhealed_id``: shared by the heal settings
+    # of one pruned model), its healed row under the cell's.
+    trial_of = {h.get("unhealed_id"): h for h in healed.values() if isinstance(h.get("unhealed_id"), str)}
+    for cell, h in healed.items():
+        u = unhealed.get(h.get("unhealed_id"))
         wall, gpu = _seconds(h, "wall_s"), _seconds(h, "gpu_s")
         scale = gpu / wall if gpu > 0 and wall > 0 else 1.0
-        unhealed_eval = _seconds(u, "eval_s") if u is not None else 0.0
-        if u is not None:
-            load = _seconds(h, "load_s") if h is not None else math.nan
-            out[(cell, "unhealed")] = (load + unhealed_eval) * scale
-        if h is not None:
-            out[(cell, "healed")] = (wall - unhealed_eval) * scale
+        out[(cell, "healed")] = (wall - (_seconds(u, "eval_s") if u is not None else 0.0)) * scale
+    for cell, u in unhealed.items():
+        h = trial_of.get(cell)
+        wall, gpu = _seconds(h, "wall_s"), _seconds(h, "gpu_s")
+        scale = gpu / wall if gpu > 0 and wall > 0 else 1.0
+        out[(cell, "unhealed")] = (_seconds(h, "load_s") + _seconds(u, "eval_s")) * scale
     return out
 
 

@@ -16,7 +16,10 @@ N = 40  # questions of arc_easy both rows answered
 
 
 def _row(cell: str, strategy: str, repair: str, stage: str, acc: float, **times) -> dict:
-    return {"experiment": "x", "cell_id": cell, "stage": stage, "status": "finished", "model": "m", "n": 3,
+    """A row as a trial writes it: the healed row under the cell's id, the unhealed one under the pruned model's
+    (``unhealed_id``)."""
+    ids = {"cell_id": cell, "unhealed_id": f"u-{cell}"} if stage == "healed" else {"cell_id": f"u-{cell}"}
+    return {"experiment": "x", **ids, "stage": stage, "status": "finished", "model": "m", "n": 3,
             "num_layers": 12, "fraction": 0.25, "strategy": strategy, "repair": repair, "c4_loss_norm": 0.5 + acc,
             "arc_easy_acc": acc, **times}
 
@@ -40,7 +43,7 @@ def frames():
         _row("lin", "greedy", "linear", "healed", 0.5, wall_s=90.0, load_s=9.0, eval_s=30.0, gpu_s=180.0),
     ])
     questions = pd.concat([question_table("x", "ref", "healed", "m", _records(ref)).to_pandas(),
-                           question_table("x", "lin", "unhealed", "m", _records(other)).to_pandas()])
+                           question_table("x", "u-lin", "unhealed", "m", _records(other)).to_pandas()])
     return rows, questions, ref, other
 
 
@@ -60,7 +63,7 @@ def test_the_paired_difference_and_its_error_come_from_the_same_questions(frames
 def test_each_row_costs_what_getting_it_alone_costs(frames):
     rows = frames[0]
     costs = row_costs(rows)
-    assert costs[("ref", "unhealed")] == 4.0 + 20.0  # load, prune and repair, then its evaluation
+    assert costs[("u-ref", "unhealed")] == 4.0 + 20.0  # load, prune and repair, then its evaluation
     assert costs[("ref", "healed")] == 100.0 - 20.0  # the whole trial less the unhealed evaluation
-    assert costs[("lin", "unhealed")] == (9.0 + 25.0) * 2  # on 2 GPUs: device-seconds
+    assert costs[("u-lin", "unhealed")] == (9.0 + 25.0) * 2  # on 2 GPUs: device-seconds
     assert costs[("lin", "healed")] == (90.0 - 25.0) * 2
