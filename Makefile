@@ -30,7 +30,7 @@ demo: install
 	$(VENV)/bin/ray-prune report results/smoke
 
 test: install
-	$(VENV)/bin/ruff check ray_prune tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

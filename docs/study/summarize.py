@@ -40,7 +40,8 @@ def lstar_table(tables) -> str:
     out = ["| model | n | l*(n) | block | d(x^l*, x^l*+n) | ends at the last block |", "|---|---|---|---|---|---|"]
     for model, t in tables.items():
         for n, l, d in optimal_starts(t):
-            out.append(f"| {model} | {n} | {l} | {l}..{l + n - 1} | {d:.3f} | {'yes' if l + n == t.num_layers else 'no'} |")
+            last = "yes" if l + n == t.num_layers else "no"
+            out.append(f"| {model} | {n} | {l} | {l}..{l + n - 1} | {d:.3f} | {last} |")
     return "\n".join(out)
 
 
@@ -55,7 +56,8 @@ def loss_table(df: pd.DataFrame) -> str:
         he = g.loc[g["stage"] == "healed", "c4_loss_norm"]
         u = float(un.iloc[0]) if len(un) else (float(base[model]) if f == 0 else float("nan"))
         h = float(he.iloc[0]) if len(he) else float("nan")
-        out.append(f"| {model} | {strategy} | {f:.2f} | {int(g['n'].iloc[0])} | {_fmt(u)} | {_fmt(h)} | {_fmt(h - u)} |")
+        n = int(g["n"].iloc[0])
+        out.append(f"| {model} | {strategy} | {f:.2f} | {n} | {_fmt(u)} | {_fmt(h)} | {_fmt(h - u)} |")
     for model, v in base.items():
         out.append(f"| {model} | (unpruned baseline) | 0.00 | 0 | {_fmt(float(v))} | – | – |")
     return "\n".join(out)
