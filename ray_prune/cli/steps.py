@@ -44,9 +44,9 @@ def _calibration_blocks(args, tok):
     return pack_texts(texts, tok, cal.max_length, max_blocks=cal.samples), cal.batch_size
 
 
-def _stage1(args, model, tok, n: int):
+def _stage1(args, model, tok, n: int, packed):
     """What the strategy reads (``core.select.STAGE1_NEEDS``): a distance table (``--table``, or profiled now) or a
-    greedy removal order of n rounds; ``(table, order)``."""
+    greedy removal order of n rounds on the ``packed`` calibration blocks; ``(table, order)``."""
     from ray_prune.core.distance import DistanceTable
     from ray_prune.core.select import STAGE1_NEEDS
 
@@ -57,7 +57,7 @@ def _stage1(args, model, tok, n: int):
         from ray_prune.core.greedy import greedy_order
         from ray_prune.core.packing import scored_bos
 
-        blocks, batch_size = _calibration_blocks(args, tok)
+        blocks, batch_size = packed
         return None, greedy_order(model, blocks, bos=scored_bos(tok), batch_size=batch_size, max_remove=n,
                                   progress=not args.quiet).order
     return None, None
@@ -111,7 +111,9 @@ def cmd_prune(args) -> int:
 
         L = load_config(args.model, args.trust_remote_code).config.num_hidden_layers
     n = n_from_fraction(args.fraction, L) if args.fraction is not None else args.n
-    table, order = _stage1(args, model, tok, n) if n else (None, None)
+    # greedy and the linear repair read the same packed calibration text: packed once
+    packed = _calibration_blocks(args, tok) if args.strategy == "greedy" or args.repair == "linear" else None
+    table, order = _stage1(args, model, tok, n, packed) if n else (None, None)
     remove = layers_to_remove(args.strategy, L, n=n, table=table, layers=args.layers, order=order)
     if args.mergekit_config:  # before the model is saved: a config mergekit cannot build fails fast
         from ray_prune.core.export import write_mergekit_config
@@ -122,7 +124,7 @@ def cmd_prune(args) -> int:
         if args.repair == "linear":
             from ray_prune.core.repair import default_form, linear_repair
 
-            blocks, batch_size = _calibration_blocks(args, tok)
+            blocks, batch_size = packed
             linear_repair(model, remove, blocks, batch_size=batch_size,
                           form=args.repair_form or default_form(model.config))
         else:

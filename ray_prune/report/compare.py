@@ -59,7 +59,7 @@ def row_costs(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
     return out
 
 
-def _records(questions: pd.DataFrame, cell_id: str, stage: str) -> list[dict]:
+def row_records(questions: pd.DataFrame, cell_id: str, stage: str) -> list[dict]:
     """The per-question records of one row: a cell's unhealed and healed rows answer the same questions apart."""
     from ray_prune.ledger.questions import records_of
 
@@ -88,7 +88,7 @@ def method_comparison(df: pd.DataFrame, questions: pd.DataFrame | None = None,
         ref = group[(group["strategy"] == reference[0]) & (group["repair"] == reference[1])
                     & (group["stage"] == reference[2])]
         ref = ref.iloc[0] if len(ref) else None
-        ref_records = _records(questions, ref["cell_id"], ref["stage"]) if ref is not None else []
+        ref_records = row_records(questions, ref["cell_id"], ref["stage"]) if ref is not None else []
         for _, r in group.iterrows():
             entry: dict[str, Any] = {"model": model, "n": int(n), "fraction_removed": fraction_key(r["_f"]),
                                      "method": method_label(r["strategy"], r["repair"]), "stage": r["stage"],
@@ -97,7 +97,7 @@ def method_comparison(df: pd.DataFrame, questions: pd.DataFrame | None = None,
                                      "is_reference": ref is not None and r["cell_id"] == ref["cell_id"]}
             if ref is not None:
                 entry["c4_loss_norm_diff"] = r["c4_loss_norm"] - ref["c4_loss_norm"]
-            records = _records(questions, r["cell_id"], r["stage"]) if ref_records else []
+            records = row_records(questions, r["cell_id"], r["stage"]) if ref_records else []
             for t in tasks:
                 metric = TASKS[t].main_metric
                 entry[t] = r[f"{t}_{metric}"]

@@ -20,9 +20,9 @@ import pandas as pd
 
 from ray_prune.core.evaluation.paired import paired_difference
 from ray_prune.core.evaluation.tasks import TASKS
-from ray_prune.ledger.questions import load_questions, records_of
+from ray_prune.ledger.questions import load_questions
 from ray_prune.ledger.rows import load_results
-from ray_prune.report.compare import method_label, row_costs
+from ray_prune.report.compare import method_label, row_costs, row_records
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = ("similarity", "none", "healed")  # the paper's method
@@ -55,8 +55,7 @@ class Study:
         return hit.iloc[0]
 
     def records(self, r: pd.Series) -> list[dict]:
-        q = self.questions
-        return records_of(q[(q["cell_id"] == r["cell_id"]) & (q["stage"] == r["stage"])])
+        return row_records(self.questions, r["cell_id"], r["stage"])
 
     def qa(self, r: pd.Series) -> float:
         """Mean of the tasks' main scores: the QA ranking's key."""
