@@ -58,7 +58,9 @@ def _stage1(args, model, tok, n: int, packed):
         from ray_prune.core.packing import scored_bos
 
         blocks, batch_size = packed
-        return None, greedy_order(model, blocks, bos=scored_bos(tok), batch_size=batch_size, max_remove=n,
+        blocks = blocks[:_calibration_config(args).greedy_blocks]
+        return None, greedy_order(model, blocks, bos=scored_bos(tok), batch_size=min(batch_size, len(blocks)),
+                                  max_remove=n,
                                   progress=not args.quiet).order
     return None, None
 

@@ -25,6 +25,10 @@ class CalibrationConfig(Settings):
     batch_size: int = setting(8, "documents per forward pass: memory, not the result")
     metric: str = setting("angular", "distance: angular (the paper's, at the last token), angular_all (every "
                           "token) or block_influence (ShortGPT's 1 - cos)", choices=METRICS)
+    greedy_samples: int = setting(0, "packed calibration blocks SLEB's greedy order is scored on (0: all of "
+                                  "samples): a round scores every remaining layer, so an order costs tens of "
+                                  "profile passes per round, and a CPU study needs a smaller set than the table",
+                                  identity="if_changed")
 
     def validate(self) -> "CalibrationConfig":
         """Fail early, with a fix, on values that would crash or silently mis-profile later."""
@@ -38,10 +42,18 @@ class CalibrationConfig(Settings):
              f"use one of {', '.join(METRICS)}")
         need(self.dataset in TEXT_SOURCES, "calibration", f"unknown dataset {self.dataset!r}",
              f"use one of {', '.join(TEXT_SOURCES)}")
+        need(is_int(self.greedy_samples) and 0 <= self.greedy_samples <= self.samples, "calibration",
+             f"greedy_samples must be between 0 (all samples) and samples ({self.samples}), got "
+             f"{self.greedy_samples!r}", "set greedy_samples to at most samples, or 0 for all of them")
         need(self.batch_size <= self.samples, "calibration",
              f"batch_size {self.batch_size} is larger than the calibration set ({self.samples} samples)",
              "lower batch_size or raise samples")
         return self
+
+    @property
+    def greedy_blocks(self) -> int:
+        """How many packed calibration blocks the greedy order reads."""
+        return self.greedy_samples or self.samples
 
 
 DEFAULT = CalibrationConfig()  # the signature defaults of the profiling functions read this

@@ -25,6 +25,7 @@ runs it whole, every candidate of every round.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,8 @@ from ray_prune.core.packing import IGNORE, targets
 from ray_prune.core.replay import record
 from ray_prune.core.select import check_n
 from ray_prune.errors import UserError
+
+log = logging.getLogger(__name__)  # a line per round: a sweep forwards them to the driver, the CLI prints them
 
 
 @dataclass
@@ -109,6 +112,7 @@ def greedy_order(
     batch_size: int = 8,
     max_remove: int | None = None,
     progress: bool = False,
+    model_id: str = "",
 ) -> GreedyOrder:
     """SLEB's greedy removal order of ``model`` on packed calibration ``blocks`` (num_blocks, seq_len).
 
@@ -164,6 +168,8 @@ def greedy_order(
             order.append(kept.pop(best))
             losses.append(totals[best] / tokens)
             round_seconds.append(round(time.perf_counter() - started, 3))
+            log.info("%s: greedy round %d of %d removes layer %d (loss %.4f, %.0f s)", model_id or "model",
+                     len(order), rounds, order[-1], losses[-1], round_seconds[-1])
     finally:
         model.train(was_training)
     return GreedyOrder(order=order, losses=losses, base_loss=base_loss, num_layers=L, tokens=tokens,

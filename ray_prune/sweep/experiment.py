@@ -50,6 +50,10 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
     fractions: list[float] | None = Field(None, min_length=1, description="this model's own fractions, in place "
                                           "of the experiment's (e.g. fewer cells for a larger model)")
+    strategies: list[_choice(PLANNED_STRATEGIES)] | None = Field(None, min_length=1, description="this model's "
+                                                                 "own strategies, in place of the experiment's")
+    repairs: list[_choice(REPAIRS)] | None = Field(None, min_length=1, description="this model's own repairs, in "
+                                                   "place of the experiment's")
 
     @field_validator("fractions")
     @classmethod
@@ -153,6 +157,14 @@ class Experiment(_Strict):
             return sorted(set(model.fractions))
         values = self.fractions.values() if isinstance(self.fractions, FractionRange) else list(self.fractions)
         return sorted(set(values))
+
+    def strategy_values(self, model: ModelSpec) -> list[str]:
+        """The strategies of ``model``'s cells: its own where it has them, else the experiment's."""
+        return list(model.strategies if model.strategies is not None else self.strategies)
+
+    def repair_values(self, model: ModelSpec) -> list[str]:
+        """The repairs of ``model``'s cells: its own where it has them, else the experiment's."""
+        return list(model.repairs if model.repairs is not None else self.repairs)
 
     @field_validator("calibration")
     @classmethod

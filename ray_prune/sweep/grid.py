@@ -173,8 +173,8 @@ def expand(exp: Experiment, num_layers: dict[str, int]) -> list[Cell]:
         for fraction in exp.fraction_values(spec):
             n = _n_of(fraction, spec, L)
             # n = 0 prunes nothing: one cell, whatever the strategies, and its unhealed row is the baseline's.
-            for strategy in (exp.strategies if n > 0 else ["none"]):
-                for repair in (exp.repairs if n > 0 else ["none"]):
+            for strategy in (exp.strategy_values(spec) if n > 0 else ["none"]):
+                for repair in (exp.repair_values(spec) if n > 0 else ["none"]):
                     calibrated = n > 0 and (strategy in USES_CALIBRATION or repair != "none")
                     for calibration in (calibrations if calibrated else calibrations[:1]):
                         prune_key = {"model": spec.name, "n": n, "strategy": strategy, "eval": evaluation_id,

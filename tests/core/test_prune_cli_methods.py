@@ -80,3 +80,17 @@ def test_refusals_come_before_any_load(tiny, tmp_path, capsys):
     assert main(["prune", str(tiny), "--strategy", "greedy", "--n", "2", "--table", str(tmp_path / "t.parquet"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "drop --table" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_greedy_samples_scores_the_order_on_the_first_blocks_only(tiny, data_dir, tmp_path):
+    """``--greedy-samples 1`` scores SLEB's rounds on the first packed block, as the sweep's stage 1 does: the
+    removed layers are the core's order on that block, which is not the order on all eight."""
+    model, tok = load_model(str(tiny), dtype="fp32", device="cpu")
+    blocks = pack_texts(load_texts("calibration", 8), tok, 64, max_blocks=8)
+    one = greedy_order(model, blocks[:1], bos=scored_bos(tok), batch_size=1, max_remove=5).order
+    every = greedy_order(model, blocks, bos=scored_bos(tok), batch_size=4, max_remove=5).order
+    n = next(k for k in range(1, 6) if sorted(one[:k]) != sorted(every[:k]))  # the two sets differ at some size
+    out = tmp_path / "greedy-one"
+    assert main(["prune", str(tiny), "--strategy", "greedy", "--n", str(n), "--greedy-samples", "1",
+                 "--out", str(out), *FLAGS]) == 0
+    assert _removed(out) == layers_to_remove("greedy", 6, n=n, order=one)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from helpers import REPO, tiny_model
+from ray_prune.core.select import n_from_fraction
 from ray_prune.errors import UserError
 from ray_prune.sweep.experiment import load_experiment, parse_experiment
 from ray_prune.sweep.grid import expand
@@ -102,6 +103,12 @@ CASES = [
     ("unknown-metric", _with("calibration.metric", "cosine"), r"calibration.metric: Input should be"),
     ("unknown-task", _with("eval.tasks", {"mmlu_pro": {}}), r"unknown task 'mmlu_pro' \(did you mean 'mmlu'\?\)"),
     ("local-fewshot-boolq", _with("eval.tasks", {"boolq": {"shots": 3}}), r"boolq"),
+    ("greedy-samples-over-samples", _with("calibration", {"samples": 8, "batch_size": 4, "greedy_samples": 9}),
+     r"greedy_samples must be between 0 \(all samples\) and samples \(8\), got 9"),
+    ("per-model-unknown-strategy", _with("models", [{"name": "smollm2-135m", "strategies": ["random"]}]),
+     r"models.0.strategies.0: Input should be"),
+    ("per-model-unknown-repair", _with("models", [{"name": "smollm2-135m", "repairs": ["lora"]}]),
+     r"models.0.repairs.0: Input should be"),
     ("batch-over-samples", _with("calibration", {"samples": 4, "batch_size": 8}),
      r"batch_size 8 is larger than the calibration set"),
     ("negative-lr", _with("heal.lr", -1e-4), r"heal: Value error, lr must be > 0|lr must be > 0"),
@@ -194,6 +201,31 @@ def test_cell_hash_is_stable_and_extension_only_adds():
     b = {c.cell_id for c in expand(parse_experiment(_with("fractions", [0.1, 0.2, 0.3])), {"smollm2-135m": 30})}
     assert a < b and len(b - a) == 2
     assert a == {c.cell_id for c in expand(parse_experiment(GOOD), {"smollm2-135m": 30})}
+
+
+def test_a_model_s_own_strategies_and_repairs_replace_the_experiment_s_for_its_cells_only():
+    gemma = {"name": "gemma3-270m", "fractions": [0.25], "strategies": ["similarity"], "repairs": ["none"]}
+    spec = _with("repairs", ["none", "linear"]) | {"models": ["smollm2-135m", gemma]}
+    cells = expand(parse_experiment(spec), {"smollm2-135m": 30, "gemma3-270m": 18})
+    smol = {(c.n, c.strategy, c.repair) for c in cells if c.model == "smollm2-135m"}
+    gemma = {(c.n, c.strategy, c.repair) for c in cells if c.model == "gemma3-270m"}
+    assert smol == {(n, s, r) for n in (3, 6) for s in ("similarity", "deepest") for r in ("none", "linear")}
+    assert gemma == {(n_from_fraction(0.25, 18), "similarity", "none")}
+    # the first model's cells are those of the same experiment without the second
+    alone = expand(parse_experiment(_with("repairs", ["none", "linear"])), {"smollm2-135m": 30})
+    assert {c.cell_id for c in cells if c.model == "smollm2-135m"} == {c.cell_id for c in alone}
+
+
+def test_greedy_samples_names_only_the_cells_it_changes():
+    """Left at its default, the setting is not part of any cell's identity (every earlier cell keeps its id);
+    set, it makes new calibrated cells and leaves uncalibrated ones (deepest) as they were."""
+    base = {c.cell_id: c for c in expand(parse_experiment(GOOD), {"smollm2-135m": 30})}
+    same = {c.cell_id for c in expand(parse_experiment(_with("calibration.greedy_samples", 0)), {"smollm2-135m": 30})}
+    assert same == set(base)
+    changed = {c.cell_id for c in expand(parse_experiment(_with("calibration.greedy_samples", 2)),
+                                         {"smollm2-135m": 30})}
+    kept = changed & set(base)
+    assert kept and {base[i].strategy for i in kept} == {"deepest"}
 
 
 # --------------------------------------------------------------------------- bounds

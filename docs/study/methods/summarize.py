@@ -22,10 +22,9 @@ from ray_prune.core.evaluation.paired import paired_difference
 from ray_prune.core.evaluation.tasks import TASKS
 from ray_prune.ledger.questions import load_questions
 from ray_prune.ledger.rows import load_results
-from ray_prune.report.compare import method_label, row_costs, row_records
+from ray_prune.report.compare import REFERENCE, method_label, row_costs, row_records
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = ("similarity", "none", "healed")  # the paper's method
 
 
 def _tasks(rows: pd.DataFrame) -> list[str]:
@@ -38,16 +37,24 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 class Study:
-    """The finished rows of one model and fraction, their per-question records and their costs."""
+    """The finished rows of one model at one fraction (one n), their per-question records and their costs."""
 
-    def __init__(self, root: str) -> None:
-        df = load_results(root)
-        self.rows = df[(df["status"] == "finished") & df["stage"].isin(["unhealed", "healed"])].copy()
-        self.rows["repair"] = self.rows["repair"].fillna("none")
-        self.baseline = df[df["stage"] == "baseline"]
-        self.questions = load_questions(root)
-        self.tasks = _tasks(self.rows)
-        self.costs = row_costs(self.rows)
+    def __init__(self, rows: pd.DataFrame, baseline: pd.DataFrame, questions: pd.DataFrame) -> None:
+        self.rows = rows
+        self.baseline = baseline
+        self.questions = questions
+        self.model = str(rows["model"].iloc[0])
+        self.n, self.num_layers = int(rows["n"].iloc[0]), int(rows["num_layers"].iloc[0])
+        self.tasks = _tasks(rows)
+        self.costs = row_costs(rows)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model}, n = {self.n} of {self.num_layers} layers ({self.n / self.num_layers:.0%})"
+
+    def has(self, strategy: str, repair: str, stage: str) -> bool:
+        return bool(((self.rows["strategy"] == strategy) & (self.rows["repair"] == repair)
+                     & (self.rows["stage"] == stage)).any())
 
     def row(self, strategy: str, repair: str, stage: str) -> pd.Series:
         hit = self.rows[(self.rows["strategy"] == strategy) & (self.rows["repair"] == repair)
@@ -72,6 +79,20 @@ class Study:
         return sum(p.diff for p in parts) / k, math.sqrt(sum(p.stderr ** 2 for p in parts)) / k
 
 
+def studies(root: str) -> list[Study]:
+    """One :class:`Study` per (model, n) of the sweep, in the order of the experiment's models, then n."""
+    df = load_results(root)
+    rows = df[(df["status"] == "finished") & df["stage"].isin(["unhealed", "healed"])].copy()
+    rows["repair"] = rows["repair"].fillna("none")
+    questions = load_questions(root)
+    order = {m: i for i, m in enumerate(dict.fromkeys(df["model"]))}
+    out = []
+    for (model, _n), g in sorted(rows.groupby(["model", "n"]), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        out.append(Study(g, df[(df["stage"] == "baseline") & (df["model"] == model)],
+                         questions[questions["cell_id"].isin(set(g["cell_id"]))]))
+    return out
+
+
 def rows_table(s: Study) -> str:
     ref = s.row(*REFERENCE)
     head = ["method", "stage", "removed layers", "C4 loss / ln V"] + [f"{t} ({TASKS[t].main_metric})" for t in s.tasks]
@@ -91,37 +112,46 @@ def rows_table(s: Study) -> str:
     return "\n".join(out)
 
 
-def repair_against_heal(s: Study) -> str:
+def repair_against_heal(s: Study) -> str | None:
     """Q1: per strategy, the linear repair (no training) against the heal, and both together."""
+    strategies = [st for st in sorted(s.rows["strategy"].unique())
+                  if all(s.has(st, rep, stage) for rep in ("none", "linear") for stage in ("unhealed", "healed"))]
+    if not strategies:
+        return None
     head = ["strategy", "C4 plain", "C4 linear", "C4 healed", "C4 linear+healed", "share of the heal's C4 gain",
-            "QA linear − healed (paired)", "repair s", "heal s"]
+            "QA linear − plain (paired)", "QA linear − healed (paired)", "repair s", "heal s"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for strategy in sorted(s.rows["strategy"].unique()):
+    for strategy in strategies:
         plain, lin = s.row(strategy, "none", "unhealed"), s.row(strategy, "linear", "unhealed")
         healed, both = s.row(strategy, "none", "healed"), s.row(strategy, "linear", "healed")
         gain = plain["c4_loss_norm"] - healed["c4_loss_norm"]
         share = (plain["c4_loss_norm"] - lin["c4_loss_norm"]) / gain if gain else math.nan
+        d0, se0 = s.mean_qa_paired(plain, lin)
         d, se = s.mean_qa_paired(healed, lin)
         repair_s = float(both["load_s"]) - float(healed["load_s"])  # the linear cell's load includes the repair
         out.append(f"| {strategy} | {_fmt(plain['c4_loss_norm'])} | {_fmt(lin['c4_loss_norm'])} | "
                    f"{_fmt(healed['c4_loss_norm'])} | {_fmt(both['c4_loss_norm'])} | {_fmt(share, 2)} | "
-                   f"{d:+.3f} ± {se:.3f} | {repair_s:.1f} | {float(healed['heal_s']):.1f} |")
+                   f"{d0:+.3f} ± {se0:.3f} | {d:+.3f} ± {se:.3f} | {repair_s:.1f} | {float(healed['heal_s']):.1f} |")
     return "\n".join(out)
 
 
 def selection_against_similarity(s: Study) -> str:
     """Q2: each strategy against similarity at the same fraction, repair and stage, task by task, paired."""
     head = ["strategy", "repair", "stage", "C4 − similarity"] + [f"{t} − similarity" for t in s.tasks]
+    head += ["mean QA − similarity"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (repair, stage), g in s.rows.groupby(["repair", "stage"]):
+        if not s.has("similarity", repair, stage):
+            continue
         ref = s.row("similarity", repair, stage)
         for _, r in g[g["strategy"] != "similarity"].sort_values("strategy").iterrows():
             cells = []
             for t in s.tasks:
                 p = s.paired(ref, r, t)
                 cells.append(f"{p.diff:+.3f} ± {p.stderr:.3f} ({p.disagree} differ)")
+            d, se = s.mean_qa_paired(ref, r)
             out.append(f"| {r['strategy']} | {repair} | {stage} | {r['c4_loss_norm'] - ref['c4_loss_norm']:+.3f} | "
-                       + " | ".join(cells) + " |")
+                       + " | ".join(cells) + f" | {d:+.3f} ± {se:.3f} |")
     return "\n".join(out)
 
 
@@ -144,32 +174,43 @@ def kendall(x: list[float], y: list[float]) -> float:
     return (conc - disc) / denom if denom else math.nan
 
 
-def rankings(s: Study) -> str:
-    """Q3: do the rows rank alike by C4 loss (lower is better) and by mean QA (higher is better)?"""
-    out = ["| rows | n | Kendall tau (−C4 loss, mean QA) | best by C4 | best by QA |", "|---|---|---|---|---|"]
-    for name, g in [("all", s.rows), *[(f"{st} only", s.rows[s.rows["stage"] == st]) for st in ("unhealed", "healed")]]:
-        g = g.drop_duplicates(["cell_id", "stage"])
-        neg_loss = [-float(v) for v in g["c4_loss_norm"]]
-        qa = [s.qa(r) for _, r in g.iterrows()]
-        labels = [f"{method_label(r['strategy'], r['repair'])} ({r['stage']})" for _, r in g.iterrows()]
-        best_c4, best_qa = labels[max(range(len(g)), key=lambda i: neg_loss[i])], labels[max(range(len(g)),
-                                                                                        key=lambda i: qa[i])]
-        out.append(f"| {name} | {len(g)} | {kendall(neg_loss, qa):+.2f} | {best_c4} | {best_qa} |")
+def rankings(groups: list[Study]) -> str:
+    """Q3: do the rows of one model and fraction rank alike by C4 loss (lower is better) and by mean QA (higher
+    is better)? Distinct pruned models only: two cells that removed the same layers are one point."""
+    out = ["| model, n | rows | n | Kendall tau (−C4 loss, mean QA) | best by C4 | best by QA |",
+           "|---|---|---|---|---|---|"]
+    for s in groups:
+        for name, g in [("all", s.rows), *[(f"{st} only", s.rows[s.rows["stage"] == st])
+                                           for st in ("unhealed", "healed")]]:
+            g = g.drop_duplicates(["cell_id", "stage"])
+            if len(g) < 2:
+                continue
+            neg_loss = [-float(v) for v in g["c4_loss_norm"]]
+            qa = [s.qa(r) for _, r in g.iterrows()]
+            labels = [f"{method_label(r['strategy'], r['repair'])} ({r['stage']})" for _, r in g.iterrows()]
+            best_c4 = labels[max(range(len(g)), key=lambda i: neg_loss[i])]
+            best_qa = labels[max(range(len(g)), key=lambda i: qa[i])]
+            out.append(f"| {s.model}, {s.n} | {name} | {len(g)} | {kendall(neg_loss, qa):+.2f} | {best_c4} | "
+                       f"{best_qa} |")
     return "\n".join(out)
 
 
 def main(root: str) -> None:
-    s = Study(root)
+    groups = studies(root)
     load_results(root).to_parquet(HERE / "results.parquet", index=False)
-    s.questions.to_parquet(HERE / "questions.parquet", index=False)
+    load_questions(root).to_parquet(HERE / "questions.parquet", index=False)
     parts = ["# Methods study numbers", "",
              f"Written by `python docs/study/methods/summarize.py {root}` from the sweep's rows and per-question "
              "outputs; the write-up (README.md) quotes these tables. ± is one standard error; every difference "
-             "between two rows is paired on the same questions.", "",
-             "## Every row", "", rows_table(s), "",
-             "## (1) The linear repair against the heal", "", repair_against_heal(s), "",
-             "## (2) Each selection against similarity", "", selection_against_similarity(s), "",
-             "## (3) Rankings by C4 loss and by QA", "", rankings(s), ""]
+             "between two rows is paired on the same questions. Cost: wall seconds of one 1-thread trial on this "
+             "2-core CPU (`report.compare.row_costs`).", ""]
+    for s in groups:
+        parts += [f"## {s.title}", "", "### Every row", "", rows_table(s), ""]
+        q1 = repair_against_heal(s)
+        if q1:
+            parts += ["### (1) The linear repair against the heal", "", q1, ""]
+        parts += ["### (2) Each selection against similarity", "", selection_against_similarity(s), ""]
+    parts += ["## (3) Rankings by C4 loss and by QA", "", rankings(groups), ""]
     (HERE / "NUMBERS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'NUMBERS.md'}, results.parquet, questions.parquet")
 

@@ -86,11 +86,11 @@ def profile_work(arch: Arch, cal: CalibrationConfig) -> list[Work]:
 def greedy_work(arch: Arch, cal: CalibrationConfig, rounds: int) -> list[Work]:
     """SLEB's greedy order (``core.greedy``) on the packed calibration blocks: a round with K blocks left runs the
     current model once, K(K - 1)/2 blocks and K LM heads over every calibration token."""
-    tokens, T = cal.samples * cal.max_length, cal.max_length
+    tokens, T = cal.greedy_blocks * cal.max_length, cal.max_length
     per_block = 2.0 * param_count(arch).layer_linear + attention_flops(arch, 1, T)
     flops = sum(tokens * ((K + K * (K - 1) / 2) * per_block + K * head_flops(arch))
                 for K in range(arch.layers, arch.layers - rounds, -1))
-    return [Work("table", tokens * rounds, flops, f"greedy order {rounds} rounds of {cal.samples} x {T}")]
+    return [Work("table", tokens * rounds, flops, f"greedy order {rounds} rounds of {cal.greedy_blocks} x {T}")]
 
 
 def repair_work(arch: Arch, kept: int, cal: CalibrationConfig) -> list[Work]:
