@@ -140,6 +140,17 @@ class Experiment(_Strict):
     def _model_shorthand(cls, v: Any) -> Any:
         return [{"name": m} if isinstance(m, str) else m for m in (v or [])]
 
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"{m.name} is listed twice: a model is profiled once and its cells are one grid; "
+                                 "give it one entry, with its own fractions, strategies or repairs there")
+            seen.add(m.name)
+        return v
+
     @field_validator("fractions")
     @classmethod
     def _fractions(cls, v: Union[list[float], FractionRange]) -> Union[list[float], FractionRange]:

@@ -107,6 +107,8 @@ CASES = [
      r"greedy_samples must be between 0 \(all samples\) and samples \(8\), got 9"),
     ("per-model-unknown-strategy", _with("models", [{"name": "smollm2-135m", "strategies": ["random"]}]),
      r"models.0.strategies.0: Input should be"),
+    ("model-twice", _with("models", ["smollm2-135m", {"name": "smollm2-135m", "strategies": ["deepest"]}]),
+     r"models: smollm2-135m is listed twice: .* give it one entry"),
     ("per-model-unknown-repair", _with("models", [{"name": "smollm2-135m", "repairs": ["lora"]}]),
      r"models.0.repairs.0: Input should be"),
     ("batch-over-samples", _with("calibration", {"samples": 4, "batch_size": 8}),
