@@ -103,10 +103,12 @@ class ProgressView(tune.Callback):
         return self.costs.get(cell_id) or (sum(self.costs.values()) / len(self.costs) if self.costs else 1.0)
 
     def eta(self) -> float | None:
-        """Seconds left: the elapsed time scaled by the planned work left over the work done (None before any)."""
+        """Seconds left: the time since the first trial started scaled by the planned trial work left over the work
+        done (None before any). Stage 1 is not trial work, so its minutes do not count as elapsed: counted, a long
+        stage 1 inflated the first estimates several times over."""
         total = self.costs and sum(self.costs.values()) or float(sum(self.totals.values()))
         done = sum(self._cost(c) * f for c, f in self.progress.items())
-        elapsed = time.monotonic() - self.t0
+        elapsed = time.monotonic() - min(self.started.values(), default=self.t0)
         if done <= 0 or elapsed <= 0:
             return None
         return elapsed * max(0.0, total - done) / done
