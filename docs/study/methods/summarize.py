@@ -11,6 +11,7 @@ the same questions (``core.evaluation.paired``) with its standard error, nothing
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from itertools import combinations
@@ -85,7 +86,9 @@ def studies(root: str) -> list[Study]:
     rows = df[(df["status"] == "finished") & df["stage"].isin(["unhealed", "healed"])].copy()
     rows["repair"] = rows["repair"].fillna("none")
     questions = load_questions(root)
-    order = {m: i for i, m in enumerate(dict.fromkeys(df["model"]))}
+    record = json.loads((Path(root) / "experiment.json").read_text())  # the experiment's own order of models
+    listed = [m["name"] for m in record["spec"]["experiment"]["models"]]
+    order = {m: i for i, m in enumerate(listed + sorted(set(df["model"]) - set(listed)))}
     out = []
     for (model, _n), g in sorted(rows.groupby(["model", "n"]), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         out.append(Study(g, df[(df["stage"] == "baseline") & (df["model"] == model)],
@@ -177,7 +180,7 @@ def kendall(x: list[float], y: list[float]) -> float:
 def rankings(groups: list[Study]) -> str:
     """Q3: do the rows of one model and fraction rank alike by C4 loss (lower is better) and by mean QA (higher
     is better)? Distinct pruned models only: two cells that removed the same layers are one point."""
-    out = ["| model, n | rows | n | Kendall tau (−C4 loss, mean QA) | best by C4 | best by QA |",
+    out = ["| model, n | rows | count | Kendall tau (−C4 loss, mean QA) | best by C4 | best by QA |",
            "|---|---|---|---|---|---|"]
     for s in groups:
         for name, g in [("all", s.rows), *[(f"{st} only", s.rows[s.rows["stage"] == st])
@@ -190,8 +193,9 @@ def rankings(groups: list[Study]) -> str:
             labels = [f"{method_label(r['strategy'], r['repair'])} ({r['stage']})" for _, r in g.iterrows()]
             best_c4 = labels[max(range(len(g)), key=lambda i: neg_loss[i])]
             best_qa = labels[max(range(len(g)), key=lambda i: qa[i])]
-            out.append(f"| {s.model}, {s.n} | {name} | {len(g)} | {kendall(neg_loss, qa):+.2f} | {best_c4} | "
-                       f"{best_qa} |")
+            tau = kendall(neg_loss, qa)
+            tau_text = "–" if math.isnan(tau) else f"{tau:+.2f}"
+            out.append(f"| {s.model}, {s.n} | {name} | {len(g)} | {tau_text} | {best_c4} | {best_qa} |")
     return "\n".join(out)
 
 
