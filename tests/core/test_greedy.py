@@ -88,6 +88,16 @@ def test_a_short_order_is_the_start_of_the_full_one(blocks):
         greedy_order(model, blocks[0])
 
 
+def test_each_round_is_one_log_line_naming_the_layer_it_removes(blocks, caplog):
+    """A sweep's stage 1 forwards these lines to the driver: a long order shows its rounds as they end."""
+    model = tiny_model("llama", num_layers=4)
+    with caplog.at_level("INFO", logger="ray_prune.core.greedy"):
+        got = greedy_order(model, blocks, bos=BOS, batch_size=2, max_remove=2, model_id="tiny")
+    lines = [r.getMessage() for r in caplog.records if r.name == "ray_prune.core.greedy"]
+    assert [line.split(" (")[0] for line in lines] == [f"tiny: greedy round {k + 1} of 2 removes layer {layer}"
+                                                       for k, layer in enumerate(got.order)]
+
+
 @pytest.mark.slow
 def test_greedy_first_round_on_smollm2(smollm2, data_dir):
     """The real model (tied embeddings, its own rotary scaling): the first round equals the brute-force loop's."""
