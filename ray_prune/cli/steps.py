@@ -59,7 +59,7 @@ def _stage1(args, model, tok, n: int, packed):
 
         blocks, batch_size = packed
         blocks = blocks[:_calibration_config(args).greedy_blocks]
-        return None, greedy_order(model, blocks, bos=scored_bos(tok), batch_size=min(batch_size, len(blocks)),
+        return None, greedy_order(model, blocks, bos=scored_bos(tok), batch_size=batch_size,
                                   max_remove=n,
                                   progress=not args.quiet).order
     return None, None

@@ -320,16 +320,22 @@ def grid_size(data: dict[str, Any], source: str = "experiment", max_cells: int =
     axes = {"fractions": n_fractions, "strategies": strategies, "repairs": length(data.get("repairs")),
             "seeds": length(data.get("seeds"))}
     total = 0
+
+    def own_axis(m: Any, key: str, default: int) -> int:
+        """A model's own list for an axis (fractions, strategies, repairs) in place of the experiment's."""
+        return length(m[key]) if isinstance(m, dict) and m.get(key) is not None else default
+
     for m in models or [None]:
         own = m.get("heal", {}) if isinstance(m, dict) and isinstance(m.get("heal"), dict) else {}
-        own_fractions = length(m["fractions"]) if isinstance(m, dict) and "fractions" in m else n_fractions
+        own_fractions = own_axis(m, "fractions", n_fractions)
         points = 1
         for key in HEAL_AXES:
             n = length(own.get(key, heal.get(key)))
             points *= n
             if n > 1:
                 axes[f"heal.{key}"] = max(axes.get(f"heal.{key}", 1), n)
-        total += own_fractions * axes["strategies"] * axes["repairs"] * points * axes["seeds"]
+        rules = own_axis(m, "strategies", axes["strategies"]) * own_axis(m, "repairs", axes["repairs"])
+        total += own_fractions * rules * points * axes["seeds"]
     if total > max_cells:
         multiplied = " x ".join(f"{k} {v}" for k, v in axes.items() if v > 1)
         raise UserError(f"{source} makes up to {total:,} cells ({len(models)} model(s) x {multiplied}), more than "

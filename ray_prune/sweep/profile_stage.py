@@ -92,7 +92,7 @@ def _greedy(storage: Storage, name: str, key: str, model, tok, texts: list[str],
     blocks = pack_texts(texts, tok, cal.max_length, max_blocks=cal.greedy_blocks)
     log.info("%s: greedy removal order, %d rounds on %d blocks of %d tokens", name, rounds, len(blocks),
              cal.max_length)
-    order = greedy_order(model, blocks, bos=scored_bos(tok), batch_size=min(cal.batch_size, len(blocks)),
+    order = greedy_order(model, blocks, bos=scored_bos(tok), batch_size=cal.batch_size,
                          max_remove=rounds, model_id=name)
     write_greedy_order(storage, name, key, order)
 

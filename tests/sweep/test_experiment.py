@@ -218,6 +218,17 @@ def test_a_model_s_own_strategies_and_repairs_replace_the_experiment_s_for_its_c
     assert {c.cell_id for c in cells if c.model == "smollm2-135m"} == {c.cell_id for c in alone}
 
 
+def test_the_grid_bound_counts_a_model_s_own_strategies_and_repairs():
+    """The bound checked before expansion holds for per-model axes: never below the cells the grid expands to."""
+    from ray_prune.sweep.experiment import grid_size
+
+    spec = _with("strategies", ["similarity"]) | {"models": [
+        {"name": "smollm2-135m", "strategies": ["similarity", "deepest", "block_influence"],
+         "repairs": ["none", "linear"]}]}
+    cells = expand(parse_experiment(spec), {"smollm2-135m": 30})
+    assert len(cells) == 2 * 3 * 2 and grid_size(spec) >= len(cells)
+
+
 def test_greedy_samples_names_only_the_cells_it_changes():
     """Left at its default, the setting is not part of any cell's identity (every earlier cell keeps its id);
     set, it makes new calibrated cells and leaves uncalibrated ones (deepest) as they were."""
